@@ -1,0 +1,131 @@
+"""skorch callbacks that nnpipe adds; each overrides only the ``on_*`` hooks it needs.
+
+Most are built for you from the estimators' top-level knobs (``max_norm``, ``clip_grad_value``,
+``lr_schedule``, ``early_stopping``); they are public so they can also be passed in
+``callbacks=[...]`` to any skorch net.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+from skorch.callbacks import Callback, EarlyStopping
+from torch import nn
+
+from .schedules import ScheduleContext, make_schedule
+
+__all__ = ["MaxNorm", "GradientValueClipping", "LRSchedule", "NNEarlyStopping"]
+
+
+class MaxNorm(Callback):
+    """Max-norm constraint: after each optimizer step, rescale every unit's incoming weight vector
+    whose L2 norm exceeds ``max_norm`` back to ``max_norm`` (Srivastava et al. 2014).
+
+    Applies to the weights of every ``Linear`` and ``Conv`` layer (for a conv layer, a unit's
+    incoming weights are one output channel's whole kernel).
+    """
+
+    def __init__(self, max_norm: float = 3.0):
+        self.max_norm = max_norm
+
+    def on_batch_end(self, net, training=False, **kwargs):
+        if not training:
+            return
+        with torch.no_grad():
+            for module in net.module_.modules():
+                if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                    w = module.weight
+                    w.copy_(torch.renorm(w, p=2, dim=0, maxnorm=self.max_norm))
+
+
+class GradientValueClipping(Callback):
+    """Clip every gradient component to ``[-clip_value, clip_value]`` before the optimizer step.
+
+    (Clipping by norm is skorch's :class:`skorch.callbacks.GradientNormClipping`.)
+    """
+
+    def __init__(self, clip_value: float = 1.0):
+        self.clip_value = clip_value
+
+    def on_grad_computed(self, net, named_parameters, **kwargs):
+        torch.nn.utils.clip_grad_value_((p for _, p in named_parameters), self.clip_value)
+
+
+class LRSchedule(Callback):
+    """Drive the optimizer's learning rate with a schedule from :mod:`nnpipe.schedules`.
+
+    The torch scheduler is built at the first epoch, when the number of batches per epoch is
+    known, and stepped per batch or per epoch as the schedule needs. The learning rate in force
+    during each epoch is recorded in ``net.history[:, "lr"]``; per-batch schedules also record
+    ``net.history[-1, "batches", :, "lr"]``.
+    """
+
+    def __init__(self, schedule: Any = "cosine", params: Optional[Dict[str, Any]] = None):
+        self.schedule = schedule
+        self.params = params
+
+    def on_train_begin(self, net, **kwargs):
+        self.scheduler_ = None
+        self.step_every_ = None
+
+    def on_epoch_begin(self, net, dataset_train=None, **kwargs):
+        if self.scheduler_ is None:
+            batch_size = net.batch_size if net.batch_size > 0 else len(dataset_train)
+            steps = max(1, math.ceil(len(dataset_train) / batch_size))
+            ctx = ScheduleContext(max_epochs=int(net.max_epochs), steps_per_epoch=steps)
+            self.scheduler_, self.step_every_ = make_schedule(
+                self.schedule, net.optimizer_, ctx, **dict(self.params or {}))
+        net.history.record("lr", net.optimizer_.param_groups[0]["lr"])
+
+    def on_batch_end(self, net, training=False, **kwargs):
+        if training and self.step_every_ == "batch":
+            net.history.record_batch("lr", net.optimizer_.param_groups[0]["lr"])
+            self._step(net, batch=True)
+
+    def on_epoch_end(self, net, **kwargs):
+        if self.step_every_ == "epoch":
+            self._step(net, batch=False)
+
+    def _step(self, net, batch: bool):
+        if isinstance(self.scheduler_, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            monitor = getattr(self.scheduler_, "monitor", "valid_loss")
+            row = net.history[-1, "batches", -1] if batch else net.history[-1]
+            if monitor not in row:
+                raise ValueError(
+                    f"lr_schedule__monitor={monitor!r} is not in the training history (has "
+                    f"{sorted(k for k in row if not k.startswith('batch'))}); use 'train_loss' "
+                    "when train_split=None.")
+            self.scheduler_.step(row[monitor])
+        else:
+            self.scheduler_.step()
+
+
+class NNEarlyStopping(EarlyStopping):
+    """skorch's :class:`~skorch.callbacks.EarlyStopping` that restores the best weights by default
+    and remembers that it stopped the run (skorch signals the stop with ``KeyboardInterrupt``,
+    which nnpipe must tell apart from a real Ctrl-C)."""
+
+    def __init__(self, monitor="valid_loss", patience=5, threshold=1e-4, threshold_mode="rel",
+                 lower_is_better=None, sink=print, load_best=True):
+        if lower_is_better is None:
+            lower_is_better = not any(s in str(monitor) for s in ("acc", "score", "r2", "auc"))
+        super().__init__(monitor=monitor, patience=patience, threshold=threshold,
+                         threshold_mode=threshold_mode, lower_is_better=lower_is_better,
+                         sink=sink, load_best=load_best)
+
+    def on_train_begin(self, net, **kwargs):
+        super().on_train_begin(net, **kwargs)
+        self.stopped_ = False
+
+    def on_epoch_end(self, net, **kwargs):
+        if self.monitor not in net.history[-1]:
+            raise ValueError(
+                f"early_stopping__monitor={self.monitor!r} is not in the training history (has "
+                f"{sorted(k for k in net.history[-1] if not k.startswith('batch'))}).")
+        try:
+            super().on_epoch_end(net, **kwargs)
+        except KeyboardInterrupt:
+            self.stopped_ = True
+            raise

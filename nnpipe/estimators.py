@@ -1,0 +1,587 @@
+"""``NNClassifier`` and ``NNRegressor``: skorch nets whose training techniques are plain parameters.
+
+Both subclass skorch's nets and override only its template methods (``initialize_module``,
+``get_loss``, ``train_step_single``, ``get_iterator``, ...); the training loop is skorch's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from numbers import Integral, Real
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
+from skorch.callbacks import EpochScoring, Freezer, GradientNormClipping, ProgressBar, Unfreezer
+from skorch.dataset import unpack_data
+from skorch.utils import is_dataset, to_tensor
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import validate_data
+from torch import nn
+
+from ._registry import Registry, did_you_mean, invalid_value
+from .callbacks import GradientValueClipping, LRSchedule, MaxNorm, NNEarlyStopping
+from .data_iter import TensorBatches, TensorDataset
+from .models import MODULES
+
+__all__ = ["NNClassifier", "NNRegressor", "DivergenceError", "OPTIMIZERS", "CRITERIA"]
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite.
+
+    The module's weights are restored to those at the start of the failing epoch, so no NaN
+    weights are left behind. ``epoch``, ``batch`` and ``loss`` say where it happened.
+    """
+
+    def __init__(self, epoch: int, batch: int, loss: float):
+        self.epoch, self.batch, self.loss = epoch, batch, loss
+        super().__init__(
+            f"training diverged: the loss became {loss} at epoch {epoch}, batch {batch}. "
+            "The weights were restored to the start of that epoch. Lower lr, add gradient "
+            "clipping (clip_grad_norm) or batch_norm.")
+
+
+# --------------------------------------------------------------------------- registries
+
+def _partial_cls(cls, **defaults):
+    """An optimizer factory with defaults, keeping the class for introspection."""
+    def make(params, **kwargs):
+        return cls(params, **{**defaults, **kwargs})
+    make.optimizer_class, make.defaults = cls, defaults
+    return make
+
+
+OPTIMIZERS = Registry("optimizer", "a torch.optim.Optimizer class")
+for _name, _opt in {
+    "sgd": torch.optim.SGD,
+    "momentum": _partial_cls(torch.optim.SGD, momentum=0.9),
+    "nesterov": _partial_cls(torch.optim.SGD, momentum=0.9, nesterov=True),
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": _partial_cls(torch.optim.RMSprop, alpha=0.9),
+    "adam": torch.optim.Adam,
+    "adamax": torch.optim.Adamax,
+    "nadam": torch.optim.NAdam,
+    "adamw": torch.optim.AdamW,
+}.items():
+    OPTIMIZERS.register(_name, _opt)
+
+CRITERIA = Registry("criterion", "a torch loss class")
+_CLASSIFICATION_LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "nll": nn.NLLLoss,
+                          "hinge": nn.MultiMarginLoss}
+_REGRESSION_LOSSES = {"mse": nn.MSELoss, "mae": nn.L1Loss, "huber": nn.HuberLoss}
+for _name, _loss in {**_CLASSIFICATION_LOSSES, **_REGRESSION_LOSSES}.items():
+    CRITERIA.register(_name, _loss)
+
+_ARCH_KNOBS = ("input_shape", "activation", "init", "batch_norm", "dropout")
+#: The top-level parameters nnpipe adds to skorch's (the contract YAML and searches rely on).
+NN_KNOBS = _ARCH_KNOBS + ("l1", "l2", "max_norm", "clip_grad_norm", "clip_grad_value",
+                          "lr_schedule", "early_stopping", "transfer_from", "transfer_layers",
+                          "freeze", "unfreeze_after", "random_state", "on_interrupt")
+_EXTRA_PREFIXES = ["activation", "lr_schedule", "early_stopping"]
+
+
+def _is_subclass(base):
+    return lambda obj: isinstance(obj, type) and issubclass(obj, base)
+
+
+def _number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
+            optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low)
+    if not ok:
+        allowed = f"a finite number {'>' if strict else '>='} {low:g}"
+        raise invalid_value(name, value, allowed + (" or None" if optional else ""))
+
+
+# --------------------------------------------------------------------------- shared behaviour
+
+
+class _NNMixin:
+    """Everything NNClassifier and NNRegressor share; see NNClassifier for the parameters."""
+
+    prefixes_ = NeuralNet.prefixes_ + _EXTRA_PREFIXES
+
+    def _store_knobs(self, values: Dict[str, Any]) -> None:
+        for name in NN_KNOBS:
+            setattr(self, name, values[name])
+
+    # ----------------------------------------------------------------- validation
+
+    def _check_params(self) -> None:
+        """Validate every top-level knob (called by ``fit``; ``__init__`` only stores)."""
+        _number("lr", self.lr, strict=True)
+        for name in ("max_epochs",):
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+                raise invalid_value(name, value, "an int >= 1")
+        bs = self.batch_size
+        if not isinstance(bs, Integral) or isinstance(bs, bool) or (bs < 1 and bs != -1):
+            raise invalid_value("batch_size", bs, "an int >= 1, or -1 for the whole data")
+        _number("l1", self.l1)
+        _number("l2", self.l2)
+        for name in ("max_norm", "clip_grad_norm", "clip_grad_value"):
+            _number(name, getattr(self, name), strict=True, optional=True)
+        split = self.train_split
+        if isinstance(split, Real) and not isinstance(split, bool) and not 0 < split < 1:
+            raise invalid_value("train_split", split,
+                                "a fraction in (0, 1), None, or a skorch split callable")
+        if self.on_interrupt not in ("stop", "raise"):
+            raise invalid_value("on_interrupt", self.on_interrupt, "'stop' or 'raise'")
+        if self.early_stopping not in (None, False) and not self.train_split:
+            es_monitor = self.get_params_for("early_stopping").get("monitor", "valid_loss")
+            if str(es_monitor).startswith("valid"):
+                raise ValueError("early_stopping monitors a validation metric, but train_split="
+                                 f"{self.train_split!r} gives no validation data; set train_split"
+                                 " (e.g. 0.2) or early_stopping__monitor='train_loss'.")
+        if self.unfreeze_after is not None and not self.freeze:
+            raise ValueError("unfreeze_after is set but freeze is empty: name the layers to freeze.")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise invalid_value("device", self.device, "'cpu' here: CUDA is not available")
+
+    def _validate_params(self):
+        try:
+            super()._validate_params()
+        except ValueError as exc:
+            names = sorted(k for k in inspect.signature(type(self).__init__).parameters
+                           if k not in ("self", "kwargs"))
+            hints = [did_you_mean(k, names) for k in sorted(self._params_to_validate)
+                     if k not in names and "__" not in k]
+            raise ValueError(f"{type(self).__name__}: {exc}{''.join(h for h in hints if h)}"
+                             ) from None
+
+    def _own_module(self) -> bool:
+        if isinstance(self.module, str):
+            MODULES.get(self.module)  # raise on an unknown name
+            return True
+        return self.module in {MODULES.get(n) for n in MODULES.names()}
+
+    # ----------------------------------------------------------------- sklearn glue
+
+    def _seed(self) -> Optional[int]:
+        if self.random_state is None:
+            return None
+        if isinstance(self.random_state, Integral):
+            return int(self.random_state)
+        return int(check_random_state(self.random_state).randint(0, 2**31 - 1))
+
+    def _rng_context(self, seed):
+        if seed is None:
+            return contextlib.nullcontext()
+        devices = [torch.cuda.current_device()] if str(self.device).startswith("cuda") else []
+        return torch.random.fork_rng(devices=devices)
+
+    def _fit_checked(self, X, y):
+        self._check_params()
+        self.seed_ = self._seed()
+        with self._rng_context(self.seed_):
+            if self.seed_ is not None:
+                torch.manual_seed(self.seed_)
+            return NeuralNet.fit(self, X, y)
+
+    def _prepare_X(self, X):
+        if is_dataset(X) or torch.is_tensor(X):
+            return X
+        self.check_is_fitted()
+        return validate_data(self, X, reset=False, dtype=np.float32)
+
+    def check_data(self, X, y=None):
+        """Validation happens in ``fit`` (with sklearn's ``validate_data``)."""
+
+    def get_dataset(self, X, y=None):
+        if is_dataset(X):
+            return X
+        y_dtype = torch.long if isinstance(self, NNClassifier) else torch.float32
+        return TensorDataset.from_arrays(X, y, device=self.device, y_dtype=y_dtype)
+
+    def get_split_datasets(self, X, y=None, **fit_params):
+        split = self.train_split
+        if not (isinstance(split, Real) and not isinstance(split, bool)):
+            return super().get_split_datasets(X, y, **fit_params)
+        dataset = self.get_dataset(X, y)
+        idx = np.arange(len(dataset))
+        stratify = None
+        if isinstance(self, NNClassifier) and y is not None:
+            counts = np.bincount(np.asarray(y))
+            n_valid = math.ceil(split * len(idx))
+            if counts[counts > 0].min() >= 2 and n_valid >= len(counts[counts > 0]):
+                stratify = np.asarray(y)
+        train_idx, valid_idx = train_test_split(idx, test_size=split, stratify=stratify,
+                                                random_state=self.seed_)
+        return dataset.subset(train_idx), dataset.subset(valid_idx)
+
+    def get_iterator(self, dataset, training=False):
+        prefix = "iterator_train" if training else "iterator_valid"
+        custom = getattr(self, prefix) is not torch.utils.data.DataLoader or any(
+            k != "batch_size" for k in self.get_params_for(prefix))
+        if isinstance(dataset, TensorDataset) and not custom:
+            bs = self.get_params_for(prefix).get("batch_size", self.batch_size)
+            return TensorBatches(dataset, bs, shuffle=training)
+        return super().get_iterator(dataset, training=training)
+
+    # ----------------------------------------------------------------- components
+
+    def initialize_module(self):
+        kwargs = self.get_params_for("module")
+        if self._own_module():
+            cls = MODULES.get(self.module, accept=_is_subclass(nn.Module))
+            allowed = set(inspect.signature(cls.__init__).parameters) - {
+                "self", "n_features", "n_outputs", "output", *_ARCH_KNOBS, "activation_kwargs"}
+            for key in kwargs:
+                if key not in allowed:
+                    raise ValueError(f"module__{key} is not a parameter of {cls.__name__}; "
+                                     f"valid: {sorted('module__' + a for a in allowed)}."
+                                     + did_you_mean(key, allowed))
+            if not hasattr(self, "n_features_in_"):
+                raise RuntimeError(f"{type(self).__name__}: call fit before initialize "
+                                   "(nnpipe's networks take their sizes from the data).")
+            module = cls(n_features=self.n_features_in_, n_outputs=self.n_outputs_,
+                         output=self._output_kind(), activation_kwargs=self.get_params_for(
+                             "activation"), **{k: getattr(self, k) for k in _ARCH_KNOBS}, **kwargs)
+        else:
+            set_knobs = [k for k in _ARCH_KNOBS if getattr(self, k) is not None]
+            if set_knobs:
+                raise ValueError(
+                    f"{set_knobs} apply to nnpipe's own networks ('mlp', 'cnn1d', 'cnn2d') only, "
+                    f"but module={self.module!r} is your own; configure it through module__* "
+                    "instead, or leave these at None.")
+            module = self.initialized_instance(self.module, kwargs)
+        self.module_ = module
+        if self.transfer_from is not None:
+            from .transfer import transfer_weights
+            self.transferred_ = transfer_weights(self.module_, self.transfer_from,
+                                                 self.transfer_layers)
+        return self
+
+    def _output_kind(self) -> str:
+        return "linear"
+
+    def initialize_criterion(self):
+        crit = CRITERIA.get(self.criterion, accept=lambda c: callable(c))
+        self.criterion_ = self.initialized_instance(crit, self.get_params_for("criterion"))
+        return self
+
+    def initialize_optimizer(self, triggered_directly=None):
+        opt = OPTIMIZERS.get(self.optimizer, accept=_is_subclass(torch.optim.Optimizer))
+        args, kwargs = self.get_params_for_optimizer("optimizer", self.get_all_learnable_params())
+        try:
+            self.optimizer_ = opt(*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"optimizer={self.optimizer!r} rejected its arguments "
+                             f"{sorted(kwargs)}: {exc}") from None
+        return self
+
+    def get_default_callbacks(self):
+        callbacks = list(super().get_default_callbacks())
+        if isinstance(self, NNClassifier):
+            callbacks = [(n, EpochScoring(_encoded_accuracy, name="valid_acc",
+                                          lower_is_better=False) if n == "valid_acc" else cb)
+                         for n, cb in callbacks]
+        if self.verbose and self.verbose >= 1:
+            callbacks.append(("progress_bar", ProgressBar()))
+        if self.clip_grad_value is not None:
+            callbacks.append(("clip_grad_value", GradientValueClipping(self.clip_grad_value)))
+        if self.clip_grad_norm is not None:
+            callbacks.append(("clip_grad_norm", GradientNormClipping(self.clip_grad_norm)))
+        if self.max_norm is not None:
+            callbacks.append(("max_norm", MaxNorm(self.max_norm)))
+        if self.lr_schedule is not None:
+            callbacks.append(("lr_schedule", LRSchedule(self.lr_schedule,
+                                                        self.get_params_for("lr_schedule"))))
+        if self.early_stopping not in (None, False):
+            es = self.get_params_for("early_stopping")
+            if isinstance(self.early_stopping, Integral) and self.early_stopping is not True:
+                es.setdefault("patience", int(self.early_stopping))
+            es.setdefault("sink", print if self.verbose else _silent)
+            callbacks.append(("early_stopping", NNEarlyStopping(**es)))
+        if self.freeze:
+            patterns = [self.freeze] if isinstance(self.freeze, str) else list(self.freeze)
+            callbacks.append(("freezer", Freezer(patterns)))
+            if self.unfreeze_after is not None:
+                callbacks.append(("unfreezer", Unfreezer(patterns, at=int(self.unfreeze_after) + 1)))
+        return callbacks
+
+    # ----------------------------------------------------------------- the training step
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        loss = self.criterion_(y_pred, to_tensor(y_true, device=self.device))
+        if training and (self.l1 or self.l2):
+            for name, w in self.module_.named_parameters():
+                if w.requires_grad and name.endswith("weight") and w.dim() > 1:
+                    if self.l1:
+                        loss = loss + self.l1 * w.abs().sum()
+                    if self.l2:
+                        loss = loss + self.l2 * w.pow(2).sum()
+        return loss
+
+    def augment_batch(self, X: torch.Tensor) -> torch.Tensor:
+        """Hook applied to every training batch (and never to validation or predict batches)."""
+        return X
+
+    def train_step_single(self, batch, **fit_params):
+        self._set_training(True)
+        Xi, yi = unpack_data(batch)
+        Xi = self.augment_batch(Xi)
+        y_pred = self.infer(Xi, **fit_params)
+        loss = self.get_loss(y_pred, yi, X=Xi, training=True)
+        value = loss.item()
+        if not math.isfinite(value):
+            epoch = len(self.history)
+            raise DivergenceError(epoch, len(self.history[-1]["batches"]) + 1, value)
+        loss.backward()
+        return {"loss": loss, "y_pred": y_pred}
+
+    def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
+        if not training:
+            return super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
+        snapshot = {k: v.detach().clone() for k, v in self.module_.state_dict().items()}
+        try:
+            return super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
+        except DivergenceError:
+            self.module_.load_state_dict(snapshot)
+            raise
+
+    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+        try:
+            return super().fit_loop(X, y, epochs=epochs, **fit_params)
+        except KeyboardInterrupt:
+            es = dict(self.callbacks_).get("early_stopping")
+            if not (es is not None and getattr(es, "stopped_", False)):
+                self.interrupted_ = True
+            raise  # skorch's partial_fit swallows it after this; see partial_fit
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        self.interrupted_ = False
+        super().partial_fit(X, y, classes=classes, **fit_params)
+        if self.interrupted_ and self.on_interrupt == "raise":
+            raise KeyboardInterrupt(f"{type(self).__name__}.fit was interrupted at epoch "
+                                    f"{len(self.history)}")
+        return self
+
+    # ----------------------------------------------------------------- params
+
+    def _get_param_names(self):
+        # skorch lists every attribute without a trailing underscore, its private bookkeeping too
+        return [k for k in super()._get_param_names() if not k.startswith("_")]
+
+    def set_params(self, **kwargs):
+        ours = {k: v for k, v in kwargs.items()
+                if any(k.startswith(p + "__") for p in _EXTRA_PREFIXES)}
+        for key, value in ours.items():
+            setattr(self, key, value)
+            self._params_to_validate.add(key)
+        rest = {k: v for k, v in kwargs.items() if k not in ours}
+        return super().set_params(**rest) if rest else self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+
+def _silent(*args, **kwargs):
+    return None
+
+
+def _encoded_accuracy(net, X, y):
+    """Validation accuracy on the encoded labels nnpipe trains with."""
+    proba = net.predict_proba(X)
+    return float(np.mean(proba.argmax(axis=1) == np.asarray(y).reshape(-1)))
+
+
+_COMMON_DOC = """
+    Parameters
+    ----------
+    module : {"mlp", "cnn1d", "cnn2d"} or nn.Module class, default="mlp"
+        nnpipe's own network, sized from the data, or your own module (then the architecture knobs
+        below must stay None). Sizes go through skorch's routing: ``module__hidden_sizes``,
+        ``module__channels``, ``module__kernel_size``, ``module__stride``, ``module__pool``.
+    criterion : str or torch loss class
+        Loss; ``criterion__*`` routes its arguments (``criterion__label_smoothing=0.1``).
+    optimizer : {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamax", "nadam",
+        "adamw"} or torch optimizer class, default="adam"
+        ``optimizer__*`` routes its arguments (``optimizer__momentum=0.95``,
+        ``optimizer__param_groups`` for per-layer settings).
+    lr : float > 0, default=1e-3
+    max_epochs : int >= 1, default=30
+    batch_size : int, default=64 (-1: the whole data)
+    train_split : float in (0, 1), None or skorch split callable, default=0.2
+        Fraction held out for validation (stratified for classifiers, seeded by
+        ``random_state``); None trains on everything.
+    callbacks : list of skorch callbacks, optional
+    device : str, default="cpu"
+        ``"cuda"`` trains on the GPU; in-memory data is moved there once.
+    verbose : int, default=0
+        1 prints a per-epoch table and a progress bar; 0 is silent.
+    input_shape : tuple, optional
+        ``(C, L)`` or ``(C, H, W)``: how the CNNs reshape flat feature rows.
+    activation : str or nn.Module class, optional (default "relu")
+        relu, leaky_relu, prelu, rrelu, elu, selu, gelu, silu, tanh, sigmoid, identity;
+        ``activation__*`` routes its arguments (``activation__negative_slope=0.2``).
+    init : str or callable, optional
+        glorot_normal, glorot_uniform, he_normal, he_uniform, lecun_normal, lecun_uniform,
+        orthogonal, normal (std 0.01), torch; None picks the one that suits ``activation``
+        (He for the ReLU family, LeCun for SELU, Glorot otherwise). Biases start at zero.
+    batch_norm : {None, True, "before", "after"}, optional
+        Batch normalisation before (True) or after each hidden activation.
+    dropout : float in [0, 1), optional
+        Dropout after each hidden block; alpha dropout with ``activation="selu"``.
+    l1, l2 : float >= 0, default=0
+        Penalties ``l1 * sum|w|`` and ``l2 * sum w**2`` over the weight matrices / kernels (not
+        biases or norm parameters), added to the training loss.
+    max_norm : float > 0, optional
+        Max-norm constraint on every unit's incoming weights, applied after each step.
+    clip_grad_norm, clip_grad_value : float > 0, optional
+        Clip the global gradient norm, or each gradient component, before each step.
+    lr_schedule : str or torch scheduler class, optional
+        power, exponential, piecewise, plateau, onecycle, cosine, cosine_restarts (see
+        :mod:`nnpipe.schedules`); ``lr_schedule__*`` routes its arguments.
+    early_stopping : bool or int, optional
+        Stop when ``early_stopping__monitor`` (default "valid_loss") has not improved for
+        ``early_stopping`` epochs (True: 5) and restore the best weights.
+    transfer_from : path or fitted estimator, optional
+        Initialise from a saved nnpipe model (:func:`nnpipe.save`): every layer but the output
+        layer, or the parameters matching ``transfer_layers`` (fnmatch patterns).
+    transfer_layers : list of str, optional
+    freeze : str or list of str, optional
+        Parameter-name patterns to freeze (``"hidden.*"``), e.g. the transferred layers.
+    unfreeze_after : int, optional
+        Unfreeze the frozen layers after this many epochs.
+    random_state : int, RandomState or None
+        Seeds weights, shuffling, the validation split and dropout; the same seed on the CPU gives
+        identical predictions.
+    on_interrupt : {"stop", "raise"}, default="stop"
+        What Ctrl-C during ``fit`` does: "stop" keeps the model trained so far (skorch's
+        behaviour, ``interrupted_`` is set); "raise" re-raises ``KeyboardInterrupt``, as a
+        pipeline stage needs.
+    **kwargs
+        skorch's routed parameters (``module__*``, ``optimizer__*``, ``iterator_train__*``, ...).
+"""
+
+
+class NNClassifier(_NNMixin, NeuralNetClassifier):
+    __doc__ = """A neural-network classifier for flat feature matrices, as an sklearn estimator.
+
+    Labels may be integers or strings; ``predict`` returns them as given. Raw scores become
+    probabilities by softmax (``exp`` for ``criterion="nll"``, whose output layer is log-softmax).
+    """ + _COMMON_DOC.replace("Loss;", "cross_entropy (default), nll, hinge, or a class;") + """
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> X, y = load_digits(return_X_y=True)
+    >>> clf = NNClassifier(max_epochs=5, random_state=0).fit(X / 16, y)
+    >>> clf.score(X / 16, y) > 0.9
+    True
+    """
+
+    def __init__(self, module="mlp", *, criterion="cross_entropy", optimizer="adam", lr=1e-3,
+                 max_epochs=30, batch_size=64, train_split=0.2, callbacks=None, device="cpu",
+                 verbose=0, input_shape=None, activation=None, init=None, batch_norm=None,
+                 dropout=None, l1=0.0, l2=0.0, max_norm=None, clip_grad_norm=None,
+                 clip_grad_value=None, lr_schedule=None, early_stopping=None, transfer_from=None,
+                 transfer_layers=None, freeze=None, unfreeze_after=None, random_state=None,
+                 on_interrupt="stop", classes=None, **kwargs):
+        super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
+                         max_epochs=max_epochs, batch_size=batch_size, train_split=train_split,
+                         callbacks=callbacks, device=device, verbose=verbose, classes=classes,
+                         **kwargs)
+        self._store_knobs(locals())
+
+    @property
+    def classes_(self):
+        try:
+            return self.classes_inferred_
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no classes_ before fit") from None
+
+    def _output_kind(self) -> str:
+        return "log_softmax" if CRITERIA.get(self.criterion, accept=callable) is nn.NLLLoss else "linear"
+
+    def fit(self, X, y, **fit_params):
+        """Fit on ``X`` (n_samples, n_features) and labels ``y``; returns ``self``."""
+        if fit_params:
+            raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
+        X, y = validate_data(self, X, y, reset=True, dtype=np.float32)
+        check_classification_targets(y)
+        classes = np.unique(y) if self.classes is None else np.asarray(self.classes)
+        unknown = np.setdiff1d(np.unique(y), classes)
+        if unknown.size:
+            raise ValueError(f"y has labels {unknown.tolist()} that are not in classes="
+                             f"{classes.tolist()}.")
+        if self.classes is None and len(classes) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes in y, got 1 class: "
+                             f"{classes.tolist()}.")
+        self.classes_inferred_ = classes
+        self.n_outputs_ = len(classes)
+        return self._fit_checked(X, np.searchsorted(classes, y).astype(np.int64))
+
+    def _get_predict_nonlinearity(self):
+        if self.predict_nonlinearity == "auto":
+            if isinstance(self.criterion_, nn.NLLLoss):
+                return torch.exp
+            return lambda scores: torch.softmax(scores, dim=-1)
+        return super()._get_predict_nonlinearity()
+
+    def predict_proba(self, X):
+        """Class probabilities, shape (n_samples, n_classes), columns in ``classes_`` order."""
+        return super().predict_proba(self._prepare_X(X))
+
+    def predict(self, X):
+        """The most probable label for each row, as given in ``y`` at fit."""
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class NNRegressor(_NNMixin, NeuralNetRegressor):
+    __doc__ = """A neural-network regressor for flat feature matrices, as an sklearn estimator.
+
+    ``y`` may be 1-D (predictions are then 1-D) or 2-D for several targets.
+    """ + _COMMON_DOC.replace("Loss;", "mse (default), mae, huber, or a class;") + """
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.RandomState(0).normal(size=(256, 3))
+    >>> reg = NNRegressor(max_epochs=50, lr=1e-2, random_state=0).fit(X, X.sum(1))
+    >>> reg.score(X, X.sum(1)) > 0.9
+    True
+    """
+
+    def __init__(self, module="mlp", *, criterion="mse", optimizer="adam", lr=1e-3,
+                 max_epochs=30, batch_size=64, train_split=0.2, callbacks=None, device="cpu",
+                 verbose=0, input_shape=None, activation=None, init=None, batch_norm=None,
+                 dropout=None, l1=0.0, l2=0.0, max_norm=None, clip_grad_norm=None,
+                 clip_grad_value=None, lr_schedule=None, early_stopping=None, transfer_from=None,
+                 transfer_layers=None, freeze=None, unfreeze_after=None, random_state=None,
+                 on_interrupt="stop", **kwargs):
+        super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
+                         max_epochs=max_epochs, batch_size=batch_size, train_split=train_split,
+                         callbacks=callbacks, device=device, verbose=verbose, **kwargs)
+        self._store_knobs(locals())
+
+    def fit(self, X, y, **fit_params):
+        """Fit on ``X`` (n_samples, n_features) and targets ``y``; returns ``self``."""
+        if fit_params:
+            raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
+        X, y = validate_data(self, X, y, reset=True, dtype=np.float32, multi_output=True,
+                             y_numeric=True)
+        y = np.asarray(y, dtype=np.float32)
+        self.y_ndim_ = y.ndim
+        y = y.reshape(len(y), -1)
+        self.n_outputs_ = y.shape[1]
+        return self._fit_checked(X, y)
+
+    def predict(self, X):
+        """Predictions, shape (n_samples,) when fitted on 1-D ``y``, else (n_samples, n_targets)."""
+        out = self.predict_proba(X)
+        return out.reshape(-1) if getattr(self, "y_ndim_", 2) == 1 else out
+
+    def predict_proba(self, X):
+        """The network's raw outputs (skorch's name for them), shape (n_samples, n_targets)."""
+        return super().predict_proba(self._prepare_X(X))

@@ -1,0 +1,263 @@
+"""Safe save / load: parameters as JSON, weights as safetensors, atomic writes, no pickle.
+
+Layout of a saved model directory::
+
+    model.json                      # class, parameters, fitted attributes, history, weight files
+    weights-<sha256 prefix>.safetensors
+
+Saving writes the weights under a content-addressed name first, then replaces ``model.json``
+atomically (temporary file + ``os.replace``): ``model.json`` is the commit point, so a crash at any
+moment leaves either the old or the new model loadable, never a mixture. Loading verifies the
+weights' SHA-256 and never unpickles anything. Classes named in ``model.json`` are imported only
+from torch, skorch, sklearn, numpy and nnpipe, or from modules you pass in ``trusted``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from skorch.history import History
+
+__all__ = ["save", "load", "atomic_write_bytes", "UntrustedTypeError", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_SAFE_PACKAGES = ("torch", "skorch", "sklearn", "numpy", "nnpipe")
+_MANIFEST = "model.json"
+
+
+class UntrustedTypeError(ValueError):
+    """A saved model names a class outside the trusted packages."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    with _suppress():
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+# --------------------------------------------------------------------------- (de)serialising values
+
+
+def _ref(obj: Any) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def _encode(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_encode(name, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(f"{name}.{k}", v) for k, v in value.items()}
+    if callable(value) and hasattr(value, "__qualname__") and "<" not in value.__qualname__:
+        return {"__ref__": _ref(value)}
+    raise TypeError(f"cannot save parameter {name}={value!r}: only numbers, strings, lists, dicts "
+                    "and importable classes / functions can be written to model.json.")
+
+
+def _resolve(ref: str, trusted: Iterable[str]) -> Any:
+    module_name, _, qualname = ref.partition(":")
+    top = module_name.split(".")[0]
+    if top not in _SAFE_PACKAGES and not any(
+            ref == t or module_name == t or module_name.startswith(t + ".") for t in trusted):
+        raise UntrustedTypeError(
+            f"model.json names {ref!r}, outside the trusted packages {list(_SAFE_PACKAGES)}. "
+            f"If you wrote that class, load with trusted=[{module_name!r}].")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _decode(value: Any, trusted: Iterable[str]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, trusted) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__ref__"}:
+            return _resolve(value["__ref__"], trusted)
+        return {k: _decode(v, trusted) for k, v in value.items()}
+    return value
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    return repr(obj)
+
+
+# --------------------------------------------------------------------------- estimators
+
+_FITTED_ATTRS = ("classes_inferred_", "n_features_in_", "feature_names_in_", "n_outputs_",
+                 "y_ndim_", "seed_")
+
+
+def _nn_params(est) -> Dict[str, Any]:
+    params = est.get_params(deep=False)
+    encoded = {}
+    for key, value in params.items():
+        if key == "callbacks" and value:
+            warnings.warn(f"nnpipe.save: the callbacks {value!r} are not saved (they only matter "
+                          "for training); pass them again to continue training.", stacklevel=3)
+            value = None
+        if key == "transfer_from" and value is not None and not isinstance(value, (str, os.PathLike)):
+            value = None  # the transferred weights are in the saved weights already
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        encoded[key] = _encode(key, value)
+    return encoded
+
+
+def save(estimator, directory: os.PathLike) -> Path:
+    """Save a fitted nnpipe estimator to ``directory`` (created if needed); returns the path.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from nnpipe import NNClassifier
+    >>> X = np.random.RandomState(0).normal(size=(60, 4)).astype("float32"); y = X[:, 0] > 0
+    >>> clf = NNClassifier(max_epochs=2, random_state=0).fit(X, y)
+    >>> path = save(clf, tempfile.mkdtemp())
+    >>> (load(path).predict_proba(X) == clf.predict_proba(X)).all()
+    True
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(estimator, "module_")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in estimator.module_.state_dict().items()}
+    blob = st_save(state, metadata={"format": "nnpipe", "version": str(FORMAT_VERSION)})
+    digest = hashlib.sha256(blob).hexdigest()
+    weights = f"weights-{digest[:16]}.safetensors"
+    if not (directory / weights).exists():
+        atomic_write_bytes(directory / weights, blob)
+    fitted = {a: getattr(estimator, a) for a in _FITTED_ATTRS if hasattr(estimator, a)}
+    manifest = {
+        "format": "nnpipe", "format_version": FORMAT_VERSION,
+        "class": type(estimator).__name__,
+        "params": _nn_params(estimator),
+        "fitted": json.loads(json.dumps(fitted, default=_json_default)),
+        "history": json.loads(json.dumps(estimator.history_.to_list(), default=_json_default)),
+        "weights": {"file": weights, "sha256": digest},
+    }
+    atomic_write_bytes(directory / _MANIFEST, json.dumps(manifest, indent=1).encode())
+    for old in directory.glob("weights-*.safetensors"):
+        if old.name != weights:
+            with _suppress():
+                old.unlink()
+    return directory
+
+
+def _read_manifest(directory: Path) -> Dict[str, Any]:
+    path = directory / _MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an nnpipe model directory: no {_MANIFEST}.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); it was not written by nnpipe.save."
+                         ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "nnpipe":
+        raise ValueError(f"{path} is not an nnpipe manifest (no 'format': 'nnpipe').")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer nnpipe (format "
+                         f"{manifest['format_version']} > {FORMAT_VERSION}); upgrade nnpipe.")
+    return manifest
+
+
+def _read_weights(directory: Path, manifest: Dict[str, Any], device: str):
+    info = manifest.get("weights") or {}
+    name = str(info.get("file", ""))
+    if not name.startswith("weights-") or "/" in name or os.sep in name:
+        raise ValueError(f"{directory / _MANIFEST} names an invalid weights file {name!r}.")
+    blob = (directory / name).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
+        raise ValueError(f"{directory / name} does not match the checksum in {_MANIFEST}: the file "
+                         "is corrupt or was replaced.")
+    return {k: v.to(device) for k, v in st_load(blob).items()}
+
+
+def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device: Optional[str] = None):
+    """Load an estimator written by :func:`save`; it predicts exactly what the saved one did.
+
+    Parameters
+    ----------
+    directory : path
+    trusted : list of str, optional
+        Modules (``"mypkg.nets"``) or references (``"mypkg.nets:MyNet"``) outside torch, skorch,
+        sklearn, numpy and nnpipe that ``model.json`` may name, e.g. your own module class.
+    device : str, optional
+        Override the saved ``device`` (a CUDA-trained model loads on the CPU when no GPU is found).
+    """
+    from . import estimators
+
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    trusted = list(trusted or [])
+    classes = {"NNClassifier": estimators.NNClassifier, "NNRegressor": estimators.NNRegressor}
+    if manifest.get("class") not in classes:
+        raise ValueError(f"{directory / _MANIFEST}: class {manifest.get('class')!r} is not one of "
+                         f"{sorted(classes)}.")
+    params = _decode(manifest["params"], trusted)
+    if device is None and str(params.get("device", "cpu")).startswith("cuda") \
+            and not torch.cuda.is_available():
+        warnings.warn("the model was saved on CUDA; loading it on the CPU.", stacklevel=2)
+        device = "cpu"
+    if device is not None:
+        params["device"] = device
+    transfer_from = params.pop("transfer_from", None)
+    est = classes[manifest["class"]](**params)
+    for key, value in manifest.get("fitted", {}).items():
+        if key in ("classes_inferred_", "feature_names_in_"):
+            value = np.asarray(value, dtype=object if key == "feature_names_in_" else None)
+        setattr(est, key, value)
+    est.initialize()
+    est.module_.load_state_dict(_read_weights(directory, manifest, params.get("device", "cpu")))
+    est.history_ = History(manifest.get("history", []))
+    est.transfer_from = transfer_from
+    return est
