@@ -36,7 +36,7 @@ class Registry:
     --------
     >>> reg = Registry("activation", "an nn.Module class")
     >>> import torch
-    >>> reg.register("relu", torch.nn.ReLU)
+    >>> _ = reg.register("relu", torch.nn.ReLU)
     >>> reg.get("relu") is torch.nn.ReLU
     True
     >>> reg.get("rleu")

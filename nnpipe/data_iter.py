@@ -34,8 +34,10 @@ class TensorDataset(Dataset):
 
     @classmethod
     def from_arrays(cls, X, y=None, device="cpu", y_dtype=None) -> "TensorDataset":
-        X_t = torch.as_tensor(np.asarray(X, dtype=np.float32) if not torch.is_tensor(X) else X,
-                              dtype=torch.float32, device=device)
+        if not torch.is_tensor(X):
+            X = np.asarray(X, dtype=np.float32)
+            X = X if X.flags.writeable else X.copy()
+        X_t = torch.as_tensor(X, dtype=torch.float32, device=device)
         y_t = None
         if y is not None:
             y_t = torch.as_tensor(y if torch.is_tensor(y) else np.asarray(y), device=device)

@@ -141,6 +141,10 @@ class _NNMixin:
                 raise ValueError("early_stopping monitors a validation metric, but train_split="
                                  f"{self.train_split!r} gives no validation data; set train_split"
                                  " (e.g. 0.2) or early_stopping__monitor='train_loss'.")
+        if self.freeze is not None and not (
+                isinstance(self.freeze, str) or (isinstance(self.freeze, (list, tuple))
+                                                 and all(isinstance(p, str) for p in self.freeze))):
+            raise invalid_value("freeze", self.freeze, "a parameter-name pattern or a list of them")
         if self.unfreeze_after is not None and not self.freeze:
             raise ValueError("unfreeze_after is set but freeze is empty: name the layers to freeze.")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
@@ -178,13 +182,41 @@ class _NNMixin:
         devices = [torch.cuda.current_device()] if str(self.device).startswith("cuda") else []
         return torch.random.fork_rng(devices=devices)
 
-    def _fit_checked(self, X, y):
+    def fit(self, X, y, **fit_params):
+        """Initialise the network from the data and train it; returns ``self``.
+
+        ``X``: array-like (n_samples, n_features); ``y``: labels (classifier) or targets.
+        """
+        if fit_params:
+            raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
+        X, y = self._prepare_data(X, y, reset=True)
         self._check_params()
         self.seed_ = self._seed()
         with self._rng_context(self.seed_):
             if self.seed_ is not None:
                 torch.manual_seed(self.seed_)
-            return NeuralNet.fit(self, X, y)
+            if not self.warm_start or not self.initialized_:
+                self.initialize()
+            return self._train(X, y)
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        """Train ``max_epochs`` more epochs without re-initialising (``fit`` if not fitted yet)."""
+        if fit_params:
+            raise TypeError(f"partial_fit got unexpected arguments {sorted(fit_params)}")
+        if not (self.initialized_ and hasattr(self, "n_features_in_")):
+            if classes is not None and getattr(self, "classes", None) is None:
+                self.classes = list(classes)
+            return self.fit(X, y)
+        X, y = self._prepare_data(X, y, reset=False)
+        return self._train(X, y)
+
+    def _train(self, X, y):
+        self.interrupted_ = False
+        NeuralNet.partial_fit(self, X, y)  # skorch's loop (it swallows KeyboardInterrupt)
+        if self.interrupted_ and self.on_interrupt == "raise":
+            raise KeyboardInterrupt(f"{type(self).__name__}.fit was interrupted at epoch "
+                                    f"{len(self.history)}")
+        return self
 
     def _prepare_X(self, X):
         if is_dataset(X) or torch.is_tensor(X):
@@ -301,7 +333,7 @@ class _NNMixin:
                 es.setdefault("patience", int(self.early_stopping))
             es.setdefault("sink", print if self.verbose else _silent)
             callbacks.append(("early_stopping", NNEarlyStopping(**es)))
-        if self.freeze:
+        if self.freeze and isinstance(self.freeze, (str, list, tuple)):
             patterns = [self.freeze] if isinstance(self.freeze, str) else list(self.freeze)
             callbacks.append(("freezer", Freezer(patterns)))
             if self.unfreeze_after is not None:
@@ -356,14 +388,6 @@ class _NNMixin:
             if not (es is not None and getattr(es, "stopped_", False)):
                 self.interrupted_ = True
             raise  # skorch's partial_fit swallows it after this; see partial_fit
-
-    def partial_fit(self, X, y=None, classes=None, **fit_params):
-        self.interrupted_ = False
-        super().partial_fit(X, y, classes=classes, **fit_params)
-        if self.interrupted_ and self.on_interrupt == "raise":
-            raise KeyboardInterrupt(f"{type(self).__name__}.fit was interrupted at epoch "
-                                    f"{len(self.history)}")
-        return self
 
     # ----------------------------------------------------------------- params
 
@@ -505,23 +529,21 @@ class NNClassifier(_NNMixin, NeuralNetClassifier):
     def _output_kind(self) -> str:
         return "log_softmax" if CRITERIA.get(self.criterion, accept=callable) is nn.NLLLoss else "linear"
 
-    def fit(self, X, y, **fit_params):
-        """Fit on ``X`` (n_samples, n_features) and labels ``y``; returns ``self``."""
-        if fit_params:
-            raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
-        X, y = validate_data(self, X, y, reset=True, dtype=np.float32)
+    def _prepare_data(self, X, y, reset: bool):
+        X, y = validate_data(self, X, y, reset=reset, dtype=np.float32)
         check_classification_targets(y)
-        classes = np.unique(y) if self.classes is None else np.asarray(self.classes)
-        unknown = np.setdiff1d(np.unique(y), classes)
+        if reset:
+            classes = np.unique(y) if self.classes is None else np.asarray(self.classes)
+            if self.classes is None and len(classes) < 2:
+                raise ValueError(f"{type(self).__name__} needs at least 2 classes in y, got 1 "
+                                 f"class: {classes.tolist()}.")
+            self.classes_inferred_ = classes
+            self.n_outputs_ = len(classes)
+        unknown = np.setdiff1d(np.unique(y), self.classes_)
         if unknown.size:
-            raise ValueError(f"y has labels {unknown.tolist()} that are not in classes="
-                             f"{classes.tolist()}.")
-        if self.classes is None and len(classes) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 classes in y, got 1 class: "
-                             f"{classes.tolist()}.")
-        self.classes_inferred_ = classes
-        self.n_outputs_ = len(classes)
-        return self._fit_checked(X, np.searchsorted(classes, y).astype(np.int64))
+            raise ValueError(f"y has labels {unknown.tolist()} that are not among the classes "
+                             f"{self.classes_.tolist()}.")
+        return X, np.searchsorted(self.classes_, y).astype(np.int64)
 
     def _get_predict_nonlinearity(self):
         if self.predict_nonlinearity == "auto":
@@ -536,7 +558,8 @@ class NNClassifier(_NNMixin, NeuralNetClassifier):
 
     def predict(self, X):
         """The most probable label for each row, as given in ``y`` at fit."""
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]
 
 
 class NNRegressor(_NNMixin, NeuralNetRegressor):
@@ -565,21 +588,27 @@ class NNRegressor(_NNMixin, NeuralNetRegressor):
                          callbacks=callbacks, device=device, verbose=verbose, **kwargs)
         self._store_knobs(locals())
 
-    def fit(self, X, y, **fit_params):
-        """Fit on ``X`` (n_samples, n_features) and targets ``y``; returns ``self``."""
-        if fit_params:
-            raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
-        X, y = validate_data(self, X, y, reset=True, dtype=np.float32, multi_output=True,
+    def _prepare_data(self, X, y, reset: bool):
+        X, y = validate_data(self, X, y, reset=reset, dtype=np.float32, multi_output=True,
                              y_numeric=True)
         y = np.asarray(y, dtype=np.float32)
-        self.y_ndim_ = y.ndim
+        if reset:
+            self.y_ndim_ = y.ndim
+            self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
         y = y.reshape(len(y), -1)
-        self.n_outputs_ = y.shape[1]
-        return self._fit_checked(X, y)
+        if y.shape[1] != self.n_outputs_:
+            raise ValueError(f"y has {y.shape[1]} targets, but the regressor was fitted on "
+                             f"{self.n_outputs_}.")
+        return X, y
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
 
     def predict(self, X):
         """Predictions, shape (n_samples,) when fitted on 1-D ``y``, else (n_samples, n_targets)."""
-        out = self.predict_proba(X)
+        out = self.predict_proba(X).astype(np.float64)
         return out.reshape(-1) if getattr(self, "y_ndim_", 2) == 1 else out
 
     def predict_proba(self, X):

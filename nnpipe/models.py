@@ -270,8 +270,11 @@ class _CNN(nn.Module):
                 layers.append(self._pool(pool))
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        with torch.no_grad():
-            n_flat = self.features(torch.zeros(1, *shape)).numel()
+        try:
+            with torch.no_grad():
+                n_flat = self.features(torch.zeros(1, *shape)).numel()
+        except RuntimeError:
+            n_flat = 0
         if n_flat == 0:
             raise ValueError(f"{type(self).__name__}: input_shape {shape} is too small for "
                              f"{len(channels)} conv/pool stages; use fewer channels or pool=None.")

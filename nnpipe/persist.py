@@ -162,7 +162,7 @@ def save(estimator, directory: os.PathLike) -> Path:
     >>> X = np.random.RandomState(0).normal(size=(60, 4)).astype("float32"); y = X[:, 0] > 0
     >>> clf = NNClassifier(max_epochs=2, random_state=0).fit(X, y)
     >>> path = save(clf, tempfile.mkdtemp())
-    >>> (load(path).predict_proba(X) == clf.predict_proba(X)).all()
+    >>> bool((load(path).predict_proba(X) == clf.predict_proba(X)).all())
     True
     """
     from sklearn.utils.validation import check_is_fitted
