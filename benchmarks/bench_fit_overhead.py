@@ -209,8 +209,11 @@ def machine_info(threads):
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
+        # the working tree may hold uncommitted nnpipe changes: record that too
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "nnpipe"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit, dirty = None, None
     return {
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
@@ -226,6 +229,7 @@ def machine_info(threads):
         "numpy": np.__version__,
         "nnpipe": getattr(nnpipe, "__version__", None),
         "git_commit": commit,
+        "nnpipe_uncommitted_changes": dirty,
     }
 
 

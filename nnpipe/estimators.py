@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
-from skorch.callbacks import EpochScoring, Freezer, GradientNormClipping, ProgressBar, Unfreezer
+from skorch.callbacks import Callback, EpochScoring, Freezer, GradientNormClipping, ProgressBar, Unfreezer
 from skorch.dataset import unpack_data
 from skorch.utils import is_dataset, to_tensor
 from sklearn.model_selection import train_test_split
@@ -25,6 +25,7 @@ from sklearn.utils.validation import validate_data
 from torch import nn
 
 from ._registry import Registry, did_you_mean, invalid_value
+from .augment import Augmenter, tta_views
 from .callbacks import GradientValueClipping, LRSchedule, MaxNorm, NNEarlyStopping
 from .data_iter import TensorBatches, TensorDataset
 from .models import MODULES
@@ -82,8 +83,11 @@ _ARCH_KNOBS = ("input_shape", "activation", "init", "batch_norm", "dropout")
 #: The top-level parameters nnpipe adds to skorch's (the contract YAML and searches rely on).
 NN_KNOBS = _ARCH_KNOBS + ("l1", "l2", "max_norm", "clip_grad_norm", "clip_grad_value",
                           "lr_schedule", "early_stopping", "transfer_from", "transfer_layers",
-                          "freeze", "unfreeze_after", "random_state", "on_interrupt")
+                          "freeze", "unfreeze_after", "augment", "tta", "random_state",
+                          "on_interrupt")
 _EXTRA_PREFIXES = ["activation", "lr_schedule", "early_stopping"]
+_HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_batch_begin",
+          "on_batch_end", "on_grad_computed")
 
 
 def _is_subclass(base):
@@ -191,6 +195,10 @@ class _NNMixin:
             raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
         X, y = self._prepare_data(X, y, reset=True)
         self._check_params()
+        self.sample_shape_ = self._sample_shape()
+        self.augment_ = self._resolve_augment()
+        if self.tta:
+            tta_views(self.tta, self.sample_shape_)
         self.seed_ = self._seed()
         with self._rng_context(self.seed_):
             if self.seed_ is not None:
@@ -311,7 +319,10 @@ class _NNMixin:
         return self
 
     def get_default_callbacks(self):
-        callbacks = list(super().get_default_callbacks())
+        drop = set() if self.verbose else {"print_log"}
+        if not self.train_split:
+            drop |= {"valid_loss", "valid_acc"}
+        callbacks = [(n, cb) for n, cb in super().get_default_callbacks() if n not in drop]
         if isinstance(self, NNClassifier):
             callbacks = [(n, EpochScoring(_encoded_accuracy, name="valid_acc",
                                           lower_is_better=False) if n == "valid_acc" else cb)
@@ -353,9 +364,41 @@ class _NNMixin:
                         loss = loss + self.l2 * w.pow(2).sum()
         return loss
 
+    def _sample_shape(self):
+        if self.input_shape is not None:
+            return tuple(int(s) for s in self.input_shape)
+        if self.module == "cnn1d":
+            return (1, int(self.n_features_in_))
+        return None
+
+    def _resolve_augment(self):
+        aug = self.augment
+        if aug is None:
+            return None
+        if isinstance(aug, dict):
+            aug = Augmenter.from_config(aug)
+        if not isinstance(aug, Augmenter):
+            raise invalid_value("augment", aug, "None, an nnpipe.augment.Augmenter or a mapping "
+                                "{op name: {param: value}}")
+        aug.check_shape(self.sample_shape_)
+        return aug
+
     def augment_batch(self, X: torch.Tensor) -> torch.Tensor:
-        """Hook applied to every training batch (and never to validation or predict batches)."""
-        return X
+        """Augment a training batch (never a validation or predict batch)."""
+        aug = getattr(self, "augment_", None)
+        if aug is None:
+            return X
+        return aug(X.reshape(X.shape[0], *self.sample_shape_)).reshape(X.shape)
+
+    def _predict_outputs(self, X) -> np.ndarray:
+        """``predict_proba`` of skorch, averaged over the test-time views when ``tta`` is set."""
+        X = self._prepare_X(X)
+        if not self.tta or is_dataset(X):
+            return NeuralNet.predict_proba(self, X)
+        views = tta_views(self.tta, self.sample_shape_)
+        Xt = torch.as_tensor(X, device=self.device).reshape(-1, *self.sample_shape_)
+        return np.mean([NeuralNet.predict_proba(self, view(Xt).reshape(len(Xt), -1))
+                        for view in views], axis=0)
 
     def train_step_single(self, batch, **fit_params):
         self._set_training(True)
@@ -370,15 +413,57 @@ class _NNMixin:
         loss.backward()
         return {"loss": loss, "y_pred": y_pred}
 
+    # Per-batch overhead matters for small networks on small data (benchmarks/
+    # bench_fit_overhead.py): the overrides below keep skorch's semantics but skip work that
+    # cannot have an effect.
+
+    def _set_training(self, training=True):
+        # skorch re-walks every submodule each batch; switch only when the mode changes
+        if self.module_.training != training or getattr(self.criterion_, "training", training) \
+                != training:
+            super()._set_training(training)
+
+    def initialize_callbacks(self):
+        super().initialize_callbacks()
+        self.hooks_ = {hook: [cb for _, cb in self.callbacks_
+                              if getattr(type(cb), hook, None) is not getattr(Callback, hook)]
+                       for hook in _HOOKS}
+        return self
+
+    def notify(self, method_name, **cb_kwargs):
+        hooks = getattr(self, "hooks_", None)
+        if hooks is None or method_name not in hooks:
+            return super().notify(method_name, **cb_kwargs)
+        getattr(self, method_name)(self, **cb_kwargs)
+        for cb in hooks[method_name]:
+            getattr(cb, method_name)(self, **cb_kwargs)
+
+    def train_step(self, batch, **fit_params):
+        # skorch wraps each step in a closure for LBFGS-style optimizers and on_grad_computed
+        if self.hooks_["on_grad_computed"] or isinstance(self.optimizer_, torch.optim.LBFGS):
+            return super().train_step(batch, **fit_params)
+        self._zero_grad_optimizer()
+        step = self.train_step_single(batch, **fit_params)
+        self._step_optimizer(None)
+        return step
+
     def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
-        if not training:
+        if not training or iterator is None:
             return super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
         snapshot = {k: v.detach().clone() for k, v in self.module_.state_dict().items()}
+        history, count = self.history, 0
         try:
-            return super().run_single_epoch(iterator, training, prefix, step_fn, **fit_params)
+            for batch in iterator:
+                self.notify("on_batch_begin", batch=batch, training=True)
+                step = step_fn(batch, **fit_params)
+                history.record_batch(prefix + "_loss", step["loss"].item())
+                history.record_batch(prefix + "_batch_size", len(batch[0]))
+                self.notify("on_batch_end", batch=batch, training=True, **step)
+                count += 1
         except DivergenceError:
             self.module_.load_state_dict(snapshot)
             raise
+        history.record(prefix + "_batch_count", count)
 
     def fit_loop(self, X, y=None, epochs=None, **fit_params):
         try:
@@ -396,6 +481,13 @@ class _NNMixin:
         return [k for k in super()._get_param_names() if not k.startswith("_")]
 
     def set_params(self, **kwargs):
+        nested = {k[len("augment__"):]: kwargs.pop(k) for k in list(kwargs)
+                  if k.startswith("augment__")}
+        if nested:
+            if not isinstance(self.augment, Augmenter):
+                raise ValueError(f"augment__* parameters {sorted(nested)} need augment to be an "
+                                 f"Augmenter, got augment={self.augment!r}.")
+            self.augment.set_params(**nested)
         ours = {k: v for k, v in kwargs.items()
                 if any(k.startswith(p + "__") for p in _EXTRA_PREFIXES)}
         for key, value in ours.items():
@@ -479,6 +571,12 @@ _COMMON_DOC = """
         Parameter-name patterns to freeze (``"hidden.*"``), e.g. the transferred layers.
     unfreeze_after : int, optional
         Unfreeze the frozen layers after this many epochs.
+    augment : Augmenter or dict, optional
+        Augmentation of training batches only (:mod:`nnpipe.augment`); each op's parameters are
+        reachable as ``augment__<op>__<param>``. Needs ``input_shape`` (or ``module="cnn1d"``).
+    tta : list of str, optional
+        Test-time augmentation: ``predict_proba`` averages over these deterministic views
+        (``"identity"``, ``"hflip"``, ``"vflip"``). Off by default.
     random_state : int, RandomState or None
         Seeds weights, shuffling, the validation split and dropout; the same seed on the CPU gives
         identical predictions.
@@ -511,8 +609,8 @@ class NNClassifier(_NNMixin, NeuralNetClassifier):
                  verbose=0, input_shape=None, activation=None, init=None, batch_norm=None,
                  dropout=None, l1=0.0, l2=0.0, max_norm=None, clip_grad_norm=None,
                  clip_grad_value=None, lr_schedule=None, early_stopping=None, transfer_from=None,
-                 transfer_layers=None, freeze=None, unfreeze_after=None, random_state=None,
-                 on_interrupt="stop", classes=None, **kwargs):
+                 transfer_layers=None, freeze=None, unfreeze_after=None, augment=None, tta=None,
+                 random_state=None, on_interrupt="stop", classes=None, **kwargs):
         super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
                          max_epochs=max_epochs, batch_size=batch_size, train_split=train_split,
                          callbacks=callbacks, device=device, verbose=verbose, classes=classes,
@@ -554,7 +652,7 @@ class NNClassifier(_NNMixin, NeuralNetClassifier):
 
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes), columns in ``classes_`` order."""
-        return super().predict_proba(self._prepare_X(X))
+        return self._predict_outputs(X)
 
     def predict(self, X):
         """The most probable label for each row, as given in ``y`` at fit."""
@@ -581,8 +679,8 @@ class NNRegressor(_NNMixin, NeuralNetRegressor):
                  verbose=0, input_shape=None, activation=None, init=None, batch_norm=None,
                  dropout=None, l1=0.0, l2=0.0, max_norm=None, clip_grad_norm=None,
                  clip_grad_value=None, lr_schedule=None, early_stopping=None, transfer_from=None,
-                 transfer_layers=None, freeze=None, unfreeze_after=None, random_state=None,
-                 on_interrupt="stop", **kwargs):
+                 transfer_layers=None, freeze=None, unfreeze_after=None, augment=None, tta=None,
+                 random_state=None, on_interrupt="stop", **kwargs):
         super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
                          max_epochs=max_epochs, batch_size=batch_size, train_split=train_split,
                          callbacks=callbacks, device=device, verbose=verbose, **kwargs)
@@ -613,4 +711,4 @@ class NNRegressor(_NNMixin, NeuralNetRegressor):
 
     def predict_proba(self, X):
         """The network's raw outputs (skorch's name for them), shape (n_samples, n_targets)."""
-        return super().predict_proba(self._prepare_X(X))
+        return self._predict_outputs(X)

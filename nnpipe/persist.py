@@ -116,6 +116,10 @@ def _decode(value: Any, trusted: Iterable[str]) -> Any:
     if isinstance(value, dict):
         if set(value) == {"__ref__"}:
             return _resolve(value["__ref__"], trusted)
+        if set(value) == {"__augment__"}:
+            from .augment import Augmenter
+
+            return Augmenter.from_config(value["__augment__"])
         return {k: _decode(v, trusted) for k, v in value.items()}
     return value
 
@@ -133,7 +137,7 @@ def _json_default(obj: Any) -> Any:
 # --------------------------------------------------------------------------- estimators
 
 _FITTED_ATTRS = ("classes_inferred_", "n_features_in_", "feature_names_in_", "n_outputs_",
-                 "y_ndim_", "seed_")
+                 "y_ndim_", "seed_", "sample_shape_")
 
 
 def _nn_params(est) -> Dict[str, Any]:
@@ -148,6 +152,8 @@ def _nn_params(est) -> Dict[str, Any]:
             value = None  # the transferred weights are in the saved weights already
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
+        if key == "augment" and hasattr(value, "to_config"):
+            value = {"__augment__": value.to_config()}
         encoded[key] = _encode(key, value)
     return encoded
 
@@ -255,6 +261,8 @@ def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device
     for key, value in manifest.get("fitted", {}).items():
         if key in ("classes_inferred_", "feature_names_in_"):
             value = np.asarray(value, dtype=object if key == "feature_names_in_" else None)
+        if key == "sample_shape_" and value is not None:
+            value = tuple(value)
         setattr(est, key, value)
     est.initialize()
     est.module_.load_state_dict(_read_weights(directory, manifest, params.get("device", "cpu")))
