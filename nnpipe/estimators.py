@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import sys
 from numbers import Integral, Real
 from typing import Any, Dict, List, Optional
 
@@ -194,11 +195,9 @@ class _NNMixin:
         if fit_params:
             raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
         X, y = self._prepare_data(X, y, reset=True)
-        self._check_params()
+        self.validate_params(self.n_features_in_, self.n_outputs_)
         self.sample_shape_ = self._sample_shape()
         self.augment_ = self._resolve_augment()
-        if self.tta:
-            tta_views(self.tta, self.sample_shape_)
         self.seed_ = self._seed()
         with self._rng_context(self.seed_):
             if self.seed_ is not None:
@@ -268,7 +267,7 @@ class _NNMixin:
 
     # ----------------------------------------------------------------- components
 
-    def initialize_module(self):
+    def _build_module(self, n_features: int, n_outputs: int) -> nn.Module:
         kwargs = self.get_params_for("module")
         if self._own_module():
             cls = MODULES.get(self.module, accept=_is_subclass(nn.Module))
@@ -279,25 +278,64 @@ class _NNMixin:
                     raise ValueError(f"module__{key} is not a parameter of {cls.__name__}; "
                                      f"valid: {sorted('module__' + a for a in allowed)}."
                                      + did_you_mean(key, allowed))
-            if not hasattr(self, "n_features_in_"):
-                raise RuntimeError(f"{type(self).__name__}: call fit before initialize "
-                                   "(nnpipe's networks take their sizes from the data).")
-            module = cls(n_features=self.n_features_in_, n_outputs=self.n_outputs_,
-                         output=self._output_kind(), activation_kwargs=self.get_params_for(
-                             "activation"), **{k: getattr(self, k) for k in _ARCH_KNOBS}, **kwargs)
-        else:
-            set_knobs = [k for k in _ARCH_KNOBS if getattr(self, k) is not None]
-            if set_knobs:
-                raise ValueError(
-                    f"{set_knobs} apply to nnpipe's own networks ('mlp', 'cnn1d', 'cnn2d') only, "
-                    f"but module={self.module!r} is your own; configure it through module__* "
-                    "instead, or leave these at None.")
-            module = self.initialized_instance(self.module, kwargs)
-        self.module_ = module
+            return cls(n_features=n_features, n_outputs=n_outputs, output=self._output_kind(),
+                       activation_kwargs=self.get_params_for("activation"),
+                       **{k: getattr(self, k) for k in _ARCH_KNOBS}, **kwargs)
+        set_knobs = [k for k in _ARCH_KNOBS if getattr(self, k) is not None]
+        if set_knobs:
+            raise ValueError(
+                f"{set_knobs} apply to nnpipe's own networks ('mlp', 'cnn1d', 'cnn2d') only, "
+                f"but module={self.module!r} is your own; configure it through module__* "
+                "instead, or leave these at None.")
+        return self.initialized_instance(self.module, kwargs)
+
+    def initialize_module(self):
+        if self._own_module() and not hasattr(self, "n_features_in_"):
+            raise RuntimeError(f"{type(self).__name__}: call fit before initialize "
+                               "(nnpipe's networks take their sizes from the data).")
+        self.module_ = self._build_module(getattr(self, "n_features_in_", None),
+                                          getattr(self, "n_outputs_", None))
         if self.transfer_from is not None:
             from .transfer import transfer_weights
             self.transferred_ = transfer_weights(self.module_, self.transfer_from,
                                                  self.transfer_layers)
+        return self
+
+    def validate_params(self, n_features: Optional[int] = None, n_outputs: int = 2) -> "_NNMixin":
+        """Check every parameter without training; raise ``ValueError`` naming the bad one.
+
+        ``fit`` runs this too; call it early (as ``nnpipe check`` does for params.yaml) to fail
+        before any work. ``n_features`` is the data's width when known.
+        """
+        self._check_params()
+        CRITERIA.get(self.criterion, accept=callable)
+        OPTIMIZERS.get(self.optimizer, accept=_is_subclass(torch.optim.Optimizer))
+        if self.lr_schedule is not None:
+            from .schedules import SCHEDULES, _is_scheduler_class
+            SCHEDULES.get(self.lr_schedule, accept=_is_scheduler_class)
+        if self.early_stopping not in (None, False):
+            try:
+                NNEarlyStopping(**self.get_params_for("early_stopping"))
+            except TypeError as exc:
+                raise ValueError(f"early_stopping__*: {exc}") from None
+        shape = None if self.input_shape is None else tuple(self.input_shape)
+        if n_features is None and shape:
+            n_features = math.prod(shape)
+        shape_unknown = self.input_shape is None and n_features is None and self.module == "cnn2d"
+        if self._own_module() and not shape_unknown:
+            with torch.random.fork_rng(devices=[]):  # building a test module must not draw
+                self._build_module(n_features or 8, n_outputs)
+        if shape is None and self.module == "cnn1d":
+            shape = (1, n_features)
+        if self.augment is not None:
+            aug = Augmenter.from_config(self.augment) if isinstance(self.augment, dict) \
+                else self.augment
+            if not isinstance(aug, Augmenter):
+                raise invalid_value("augment", aug, "None, an nnpipe.augment.Augmenter or a "
+                                    "mapping {op name: {param: value}}")
+            aug.check_shape(shape)
+        if self.tta:
+            tta_views(self.tta, shape)
         return self
 
     def _output_kind(self) -> str:
@@ -327,8 +365,8 @@ class _NNMixin:
             callbacks = [(n, EpochScoring(_encoded_accuracy, name="valid_acc",
                                           lower_is_better=False) if n == "valid_acc" else cb)
                          for n, cb in callbacks]
-        if self.verbose and self.verbose >= 1:
-            callbacks.append(("progress_bar", ProgressBar()))
+        if self.verbose and self.verbose >= 1 and sys.stderr.isatty():
+            callbacks.append(("progress_bar", ProgressBar()))  # in a terminal, not in logs
         if self.clip_grad_value is not None:
             callbacks.append(("clip_grad_value", GradientValueClipping(self.clip_grad_value)))
         if self.clip_grad_norm is not None:
@@ -536,7 +574,7 @@ _COMMON_DOC = """
     device : str, default="cpu"
         ``"cuda"`` trains on the GPU; in-memory data is moved there once.
     verbose : int, default=0
-        1 prints a per-epoch table and a progress bar; 0 is silent.
+        1 prints a per-epoch table (and a progress bar when stderr is a terminal); 0 is silent.
     input_shape : tuple, optional
         ``(C, L)`` or ``(C, H, W)``: how the CNNs reshape flat feature rows.
     activation : str or nn.Module class, optional (default "relu")

@@ -159,7 +159,10 @@ def _nn_params(est) -> Dict[str, Any]:
 
 
 def save(estimator, directory: os.PathLike) -> Path:
-    """Save a fitted nnpipe estimator to ``directory`` (created if needed); returns the path.
+    """Save a fitted nnpipe estimator, or an sklearn ``Pipeline`` ending in one, to ``directory``.
+
+    The directory is created if needed; the path is returned. A pipeline's preprocessing steps
+    are written with skops (sklearn's secure, pickle-free format), its network as below.
 
     Examples
     --------
@@ -171,8 +174,11 @@ def save(estimator, directory: os.PathLike) -> Path:
     >>> bool((load(path).predict_proba(X) == clf.predict_proba(X)).all())
     True
     """
+    from sklearn.pipeline import Pipeline
     from sklearn.utils.validation import check_is_fitted
 
+    if isinstance(estimator, Pipeline):
+        return _save_pipeline(estimator, Path(directory))
     check_is_fitted(estimator, "module_")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -245,6 +251,8 @@ def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device
     directory = Path(directory)
     manifest = _read_manifest(directory)
     trusted = list(trusted or [])
+    if manifest.get("class") == "Pipeline":
+        return _load_pipeline(directory, manifest, trusted, device)
     classes = {"NNClassifier": estimators.NNClassifier, "NNRegressor": estimators.NNRegressor}
     if manifest.get("class") not in classes:
         raise ValueError(f"{directory / _MANIFEST}: class {manifest.get('class')!r} is not one of "
@@ -269,3 +277,70 @@ def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device
     est.history_ = History(manifest.get("history", []))
     est.transfer_from = transfer_from
     return est
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _save_pipeline(pipeline, directory: Path) -> Path:
+    import uuid
+
+    import skops.io as sio
+
+    *pre, (final_name, final) = pipeline.steps
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest: Dict[str, Any] = {"format": "nnpipe", "format_version": FORMAT_VERSION,
+                                "class": "Pipeline", "steps": [name for name, _ in pipeline.steps]}
+    keep = set()
+    if pre:
+        from sklearn.pipeline import Pipeline
+
+        blob = sio.dumps(Pipeline(pre))
+        digest = hashlib.sha256(blob).hexdigest()
+        name = f"preprocess-{digest[:16]}.skops"
+        if not (directory / name).exists():
+            atomic_write_bytes(directory / name, blob)
+        manifest["preprocess"] = {"file": name, "sha256": digest}
+        keep.add(name)
+    sub = f"estimator-{uuid.uuid4().hex[:12]}"
+    save(final, directory / sub)
+    manifest["final"] = {"name": final_name, "dir": sub}
+    keep.add(sub)
+    atomic_write_bytes(directory / _MANIFEST, json.dumps(manifest, indent=1).encode())
+    import shutil
+
+    for old in list(directory.glob("preprocess-*.skops")) + list(directory.glob("estimator-*")):
+        if old.name not in keep:
+            with _suppress():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return directory
+
+
+def _safe_name(directory: Path, name: Any, prefix: str) -> Path:
+    name = str(name)
+    if not name.startswith(prefix) or "/" in name or os.sep in name or ".." in name:
+        raise ValueError(f"{directory / _MANIFEST} names an invalid file {name!r}.")
+    return directory / name
+
+
+def _load_pipeline(directory: Path, manifest: Dict[str, Any], trusted, device):
+    import skops.io as sio
+    from sklearn.pipeline import Pipeline
+
+    steps = []
+    info = manifest.get("preprocess")
+    if info:
+        blob = _safe_name(directory, info.get("file"), "preprocess-").read_bytes()
+        if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
+            raise ValueError(f"{directory / info['file']} does not match the checksum in "
+                             f"{_MANIFEST}: the file is corrupt or was replaced.")
+        types = sio.get_untrusted_types(data=blob)
+        bad = [t for t in types if t.split(".")[0] not in _SAFE_PACKAGES
+               and not any(t == x or t.startswith(x + ".") for x in trusted)]
+        if bad:
+            raise UntrustedTypeError(f"{directory / info['file']} contains types outside the "
+                                     f"trusted packages: {bad}; pass trusted=[...] to allow them.")
+        steps = list(sio.loads(blob, trusted=types).steps)
+    final = manifest.get("final") or {}
+    estimator = load(_safe_name(directory, final.get("dir"), "estimator-"), trusted, device)
+    return Pipeline(steps + [(final.get("name", "model"), estimator)])

@@ -142,3 +142,25 @@ class _TinyNet(torch.nn.Module):
 
     def forward(self, X):
         return self.lin(X)
+
+
+def test_pipeline_with_preprocessing_round_trips_without_pickle(digits, tmp_path):
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+
+    from nnpipe.preprocessing import Centerer, ZCAWhitener
+
+    Xtr, Xte, ytr, _ = digits
+    pipe = make_pipeline(Centerer("global"), ZCAWhitener(epsilon=0.1), PCA(20, whiten=True),
+                         NNClassifier(max_epochs=2, random_state=0)).fit(Xtr, ytr)
+    save(pipe, tmp_path)
+    loaded = load(tmp_path)
+    assert [name for name, _ in loaded.steps] == [name for name, _ in pipe.steps]
+    np.testing.assert_array_equal(loaded.predict_proba(Xte), pipe.predict_proba(Xte))
+    assert not list(tmp_path.glob("*.pkl"))
+    # re-saving replaces the parts and removes the old ones
+    pipe.fit(Xtr[:500], ytr[:500])
+    save(pipe, tmp_path)
+    assert len(list(tmp_path.glob("estimator-*"))) == 1
+    assert len(list(tmp_path.glob("preprocess-*"))) == 1
+    np.testing.assert_array_equal(load(tmp_path).predict_proba(Xte), pipe.predict_proba(Xte))

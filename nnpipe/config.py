@@ -1,0 +1,305 @@
+"""params.yaml: the one place where YAML meets code.
+
+``load_config`` reads and validates the whole file before any work starts and returns a
+:class:`Config` whose builders turn sections into sklearn objects. Defaults live once, in the
+library's signatures: a key left out of params.yaml is simply not passed, so the schema here
+types and range-checks values but never restates a default.
+
+Every problem is reported at once, each naming its key path, the value and what is allowed::
+
+    params.yaml: 2 problems
+      train.lr: must be a finite number > 0, got 'fast'
+      model.activaton: unknown key. Did you mean 'activation'?
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._registry import did_you_mean
+
+__all__ = ["Config", "ConfigError", "load_config", "validate_config", "json_schema",
+           "MODEL_KEYS", "SECTIONS"]
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; ``problems`` lists ``(key path, message)`` pairs."""
+
+    def __init__(self, source: str, problems: List[Tuple[str, str]]):
+        self.source, self.problems = source, problems
+        lines = [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in problems]
+        n = len(problems)
+        super().__init__(f"{source}: {n} problem{'s' if n > 1 else ''}\n" + "\n".join(lines))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Section):
+    """Where the data comes from (:func:`nnpipe.data.load_dataset`)."""
+
+    source: Optional[str] = None
+    path: Optional[str] = None
+    target: Optional[str] = None
+    task: Optional[Literal["classification", "regression"]] = None
+    test_size: Optional[float] = Field(None, gt=0, lt=1)
+    random_state: Optional[int] = None
+    stratify: Optional[bool] = None
+    image_size: Optional[Tuple[int, int]] = None
+    grayscale: Optional[bool] = None
+
+
+class CVSection(_Section):
+    """k-fold cross-validation of the configured pipeline (:func:`nnpipe.cv.cross_validate_model`)."""
+
+    folds: Optional[int] = Field(None, ge=2)
+    repeats: Optional[int] = Field(None, ge=1)
+    shuffle: Optional[bool] = None
+    random_state: Optional[int] = None
+
+
+class EvaluateSection(_Section):
+    """Test-set evaluation."""
+
+    ece_bins: Optional[int] = Field(None, ge=2, le=100)
+
+
+class TrackingSection(_Section):
+    """MLflow tracking (:mod:`nnpipe.tracking`)."""
+
+    enabled: bool = True
+    experiment: Optional[str] = None
+    uri: Optional[str] = None
+
+
+class _Root(_Section):
+    data: DataSection = DataSection()
+    preprocess: List[Union[str, Dict[str, Optional[Dict[str, Any]]]]] = []
+    augment: Optional[Dict[str, Optional[Dict[str, Any]]]] = None
+    model: Dict[str, Any] = {}
+    train: Dict[str, Any] = {}
+    cv: CVSection = CVSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    tracking: TrackingSection = TrackingSection()
+
+
+SECTIONS = tuple(_Root.model_fields)
+
+#: estimator parameters that belong in ``model`` (architecture); the rest belong in ``train``.
+MODEL_KEYS = ("module", "input_shape", "activation", "init", "batch_norm", "dropout")
+_MODEL_PREFIXES = ("module__", "activation__")
+_NOT_IN_YAML = ("callbacks", "augment", "iterator_train", "iterator_valid", "dataset",
+                "predict_nonlinearity", "warm_start", "compile", "use_caching",
+                "torch_load_kwargs", "classes")
+
+
+def _estimator_class(task: Optional[str]):
+    from .estimators import NNClassifier, NNRegressor
+
+    return NNRegressor if task == "regression" else NNClassifier
+
+
+def _estimator_keys(task: Optional[str]) -> List[str]:
+    cls = _estimator_class(task)
+    names = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "kwargs")]
+    return [k for k in names if k not in _NOT_IN_YAML]
+
+
+_ROUTED = ("module__", "criterion__", "optimizer__", "lr_schedule__", "early_stopping__",
+           "activation__", "iterator_train__", "iterator_valid__")
+
+
+@dataclass
+class Config:
+    """A validated params.yaml. Sections are typed; ``model`` / ``train`` are estimator params."""
+
+    source: str
+    raw: Dict[str, Any]
+    data: DataSection
+    preprocess: list
+    augment: Optional[Dict[str, Any]]
+    model: Dict[str, Any]
+    train: Dict[str, Any]
+    cv: CVSection
+    evaluate: EvaluateSection
+    tracking: TrackingSection
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> Optional[str]:
+        return self.data.task
+
+    def data_kwargs(self) -> Dict[str, Any]:
+        return self.data.model_dump(exclude_unset=True)
+
+    def estimator_params(self, input_shape: Optional[Tuple[int, ...]] = None) -> Dict[str, Any]:
+        """``model`` + ``train`` (+ ``augment``) as estimator keyword arguments.
+
+        ``input_shape`` (the data's) is used when ``model`` sets none and the network or the
+        augmentation needs one (CNNs, image ops).
+        """
+        params = {**self.model, **self.train}
+        if self.augment:
+            params["augment"] = self.augment
+        needs_shape = str(params.get("module", "mlp")) in ("cnn1d", "cnn2d") or self.augment \
+            or params.get("tta")
+        if "input_shape" not in params and input_shape is not None and needs_shape:
+            params["input_shape"] = list(input_shape)
+        return params
+
+    def build_estimator(self, task: Optional[str] = None, input_shape=None, **overrides):
+        """The configured ``NNClassifier`` / ``NNRegressor`` (``overrides`` win)."""
+        cls = _estimator_class(task or self.task)
+        return cls(**{**self.estimator_params(input_shape), **overrides})
+
+    def build_preprocessing(self) -> list:
+        """The ``preprocess`` steps as ``(name, transformer)`` pairs."""
+        from .preprocessing import make_preprocessor
+
+        steps = []
+        for i, step in enumerate(self.preprocess):
+            name, params = (step, {}) if isinstance(step, str) else next(iter(step.items()))
+            steps.append((f"{i}_{name}", make_preprocessor(name, **(params or {}))))
+        return steps
+
+    def build_pipeline(self, task: Optional[str] = None, input_shape=None, **overrides):
+        """Preprocessing + network as one sklearn ``Pipeline`` (fitted per fold in CV)."""
+        from sklearn.pipeline import Pipeline
+
+        est = self.build_estimator(task, input_shape, **overrides)
+        return Pipeline(self.build_preprocessing() + [("model", est)])
+
+
+def _pydantic_problems(exc: ValidationError, fields_of) -> List[Tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join(loc)
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            parent = fields_of(loc[:-1])
+            problems.append((path, "unknown key." + (did_you_mean(loc[-1], parent) or
+                                                    f" Allowed: {sorted(parent)}.")))
+        else:
+            problems.append((path, f"{err['msg'].lower()}, got {value!r}"))
+    return problems
+
+
+def _fields_of(loc: List[str]) -> List[str]:
+    if not loc:
+        return list(_Root.model_fields)
+    model = _Root.model_fields.get(loc[0])
+    ann = getattr(model, "annotation", None)
+    return list(getattr(ann, "model_fields", {})) if ann is not None else []
+
+
+def _check_estimator_sections(cfg: Config, problems: List[Tuple[str, str]]) -> None:
+    keys = _estimator_keys(cfg.task)
+    for section in ("model", "train"):
+        for key in getattr(cfg, section):
+            routed = key.startswith(_ROUTED)
+            if not routed and key not in keys:
+                problems.append((f"{section}.{key}", "unknown key." + (
+                    did_you_mean(key, keys) or f" Allowed: {sorted(keys)}.")))
+                continue
+            in_model = key in MODEL_KEYS or key.startswith(_MODEL_PREFIXES)
+            if section == "model" and not in_model:
+                problems.append((f"model.{key}", "is a training setting: move it to train."))
+            if section == "train" and in_model:
+                problems.append((f"train.{key}", "is an architecture setting: move it to model."))
+    if problems:
+        return
+    shape = cfg.model.get("input_shape")
+    if shape is None and cfg.data.source in (None, "digits"):
+        shape = (1, 8, 8)  # the embedded default dataset
+    # without a known sample shape (it comes with the data, after prepare) the image ops and
+    # CNN sizes are checked by the train stage before it fits
+    overrides = {} if shape is not None else {"augment": None, "tta": None}
+    try:
+        est = cfg.build_estimator(input_shape=shape, **overrides)
+        n_features = math.prod(est.input_shape) if est.input_shape is not None else None
+        est.validate_params(n_features=n_features)
+    except ValueError as exc:
+        problems.append(_locate(str(exc), cfg))
+
+
+def _locate(message: str, cfg: Config) -> Tuple[str, str]:
+    """Turn an estimator error ('lr must be ...') into ('train.lr', 'must be ...')."""
+    head = message.split(" ", 1)[0].rstrip(":")
+    for section in ("model", "train"):
+        if head in getattr(cfg, section):
+            return f"{section}.{head}", message.split(" ", 1)[1]
+    if head.startswith("augment"):
+        return "augment", message
+    return "model/train", message
+
+
+def validate_config(raw: Any, source: str = "params.yaml") -> Config:
+    """Validate a parsed params mapping; raise :class:`ConfigError` listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("", f"the file must be a mapping of sections "
+                                        f"{list(SECTIONS)}, got {type(raw).__name__}")])
+    extra = {k: raw[k] for k in raw if k in ("search", "ensemble")}
+    body = {k: v for k, v in raw.items() if k not in extra}
+    try:
+        root = _Root.model_validate(body)
+    except ValidationError as exc:
+        raise ConfigError(source, _pydantic_problems(exc, _fields_of)) from None
+    cfg = Config(source, raw, root.data, root.preprocess, root.augment, dict(root.model),
+                 dict(root.train), root.cv, root.evaluate, root.tracking, extra)
+    problems: List[Tuple[str, str]] = []
+    try:
+        cfg.build_preprocessing()
+    except ValueError as exc:
+        problems.append(("preprocess", str(exc)))
+    if cfg.augment is not None:
+        try:
+            from .augment import Augmenter
+            Augmenter.from_config(cfg.augment)
+        except ValueError as exc:
+            problems.append(("augment", str(exc)))
+    if not problems:
+        _check_estimator_sections(cfg, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: Union[str, Path] = "params.yaml") -> Config:
+    """Read and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such params file.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("", f"not valid YAML: {exc}")]) from None
+    return validate_config(raw, str(path))
+
+
+def json_schema() -> Dict[str, Any]:
+    """A JSON schema of params.yaml for editors (autocomplete of sections and knobs)."""
+    schema = _Root.model_json_schema()
+    schema["title"] = "nnpipe params.yaml"
+    keys = _estimator_keys("classification")
+    props = schema.setdefault("properties", {})
+    for section, wanted in (("model", lambda k: k in MODEL_KEYS),
+                            ("train", lambda k: k not in MODEL_KEYS)):
+        props[section] = {
+            "type": "object",
+            "description": f"NNClassifier / NNRegressor parameters ({section})",
+            "properties": {k: {} for k in keys if wanted(k)},
+            "patternProperties": {f"^({'|'.join(p.rstrip('_') for p in _ROUTED)})__": {}},
+            "additionalProperties": False,
+        }
+    return schema

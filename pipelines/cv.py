@@ -1,0 +1,74 @@
+"""DVC stage ``cv``: k-fold cross-validation of the configured pipeline on the training set.
+
+Each fold fits a fresh pipeline (preprocessing and augmentation never see the held-out fold).
+Writes per-fold and mean +- std metrics, the out-of-fold predictions and a per-fold table;
+logs a parent MLflow run with one nested run per fold.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+
+from nnpipe.cv import cross_validate_model
+from nnpipe.data import read_dataset
+
+from ._stage import run, tracker_for
+
+
+def _args(parser):
+    parser.add_argument("--data", required=True, help="the prepare stage's folder")
+    parser.add_argument("--metrics", required=True, help="JSON metrics file")
+    parser.add_argument("--oof", required=True, help="out-of-fold predictions (.npz)")
+    parser.add_argument("--table", required=True, help="per-fold metrics CSV (dvc plots)")
+
+
+def _body(args, cfg, outputs):
+    ds = read_dataset(args.data)
+    cv = cfg.cv.model_dump(exclude_unset=True)
+    with tracker_for(cfg, "cv") as tracker:
+        pipe = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise",
+                                  verbose=cfg.train.get("verbose", 0))
+
+        def on_fold(i, model, metrics):
+            with tracker.child(f"fold-{i}", params={"fold": i}) as child:
+                net = model[-1]
+                for row in net.history.to_list():
+                    child.log_metrics({k: float(v) for k, v in row.items()
+                                       if k in ("train_loss", "valid_loss", "valid_acc")},
+                                      step=int(row["epoch"]))
+                child.log_metrics(metrics)
+            print(f"[cv] fold {i}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+        result = cross_validate_model(pipe, ds.X_train, ds.y_train, task=ds.task,
+                                      on_fold=on_fold, **cv)
+        summary = result.summary()
+        outputs.json(args.metrics, summary)
+        np.savez(outputs.path(args.oof), oof=result.oof, y=ds.y_train,
+                 fold=_fold_of_rows(result, len(ds.y_train)))
+        with open(outputs.path(args.table), "w", newline="") as fh:
+            keys = list(result.fold_metrics[0])
+            writer = csv.DictWriter(fh, ["fold", *keys])
+            writer.writeheader()
+            for i, m in enumerate(result.fold_metrics):
+                writer.writerow({"fold": i, **m})
+        tracker.log_metrics({f"{k}_mean": v for k, v in result.mean.items()})
+        tracker.log_metrics({f"{k}_std": v for k, v in result.std.items()})
+    print("[cv] mean: " + ", ".join(f"{k}={v:.4f} +- {result.std[k]:.4f}"
+                                    for k, v in result.mean.items()))
+
+
+def _fold_of_rows(result, n):
+    fold = np.full(n, -1)
+    for i, f in enumerate(result.folds):
+        fold[f["test"]] = i
+    return fold
+
+
+def main(argv=None):
+    run("cv", _body, _args, argv)
+
+
+if __name__ == "__main__":
+    main()

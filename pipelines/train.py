@@ -1,0 +1,65 @@
+"""DVC stage ``train``: fit the configured pipeline (preprocessing + network) on the training set.
+
+Writes the fitted pipeline (``nnpipe.save``), per-epoch learning curves (CSV for ``dvc plots``,
+PNG for people) and ``metrics/train.json``; logs params, per-epoch metrics, artifacts and the
+model (as an MLflow pyfunc model) to MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nnpipe import save
+from nnpipe.data import read_dataset
+from nnpipe.plots import learning_curves, learning_curves_table
+
+from ._stage import run, tracker_for
+
+
+def _args(parser):
+    parser.add_argument("--data", required=True, help="the prepare stage's folder")
+    parser.add_argument("--model", required=True, help="where to save the fitted pipeline")
+    parser.add_argument("--metrics", required=True, help="JSON metrics file")
+    parser.add_argument("--curves", required=True, help="learning curves CSV (dvc plots)")
+    parser.add_argument("--plot", required=True, help="learning curves PNG")
+
+
+def fit_pipeline(cfg, ds, tracker, **overrides):
+    """Build and fit the configured pipeline on the training rows, logging epochs to MLflow."""
+    logger = tracker.epoch_logger()
+    callbacks = [("mlflow", logger)] if logger is not None else None
+    params = {"on_interrupt": "raise", "verbose": cfg.train.get("verbose", 1), **overrides}
+    pipe = cfg.build_pipeline(ds.task, ds.input_shape, callbacks=callbacks, **params)
+    start = time.perf_counter()
+    pipe.fit(ds.X_train, ds.y_train)
+    return pipe, time.perf_counter() - start
+
+
+def _body(args, cfg, outputs):
+    ds = read_dataset(args.data)
+    with tracker_for(cfg, "train") as tracker:
+        pipe, seconds = fit_pipeline(cfg, ds, tracker)
+        net = pipe[-1]
+        net.callbacks = None  # the MLflow logger lives in this process only
+        history = net.history.to_list()
+        model_dir = outputs.path(args.model, is_dir=True)
+        save(pipe, model_dir)
+        learning_curves_table(history, outputs.path(args.curves))
+        plot = learning_curves(history, outputs.path(args.plot))
+        last = history[-1]
+        metrics = {"epochs": len(history), "fit_seconds": round(seconds, 3),
+                   **{k: float(last[k]) for k in ("train_loss", "valid_loss", "valid_acc")
+                      if k in last}}
+        outputs.json(args.metrics, metrics)
+        tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+        tracker.log_artifact(plot)
+        tracker.log_model(model_dir, name="model")
+    print(f"[train] {metrics}")
+
+
+def main(argv=None):
+    run("train", _body, _args, argv)
+
+
+if __name__ == "__main__":
+    main()
