@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nnpipe.data import load_dataset, save_dataset
 
-from ._stage import run
+from ._stage import run, tracker_for
 
 
 def _args(parser):
@@ -12,8 +12,11 @@ def _args(parser):
 
 
 def _body(args, cfg, outputs):
-    ds = load_dataset(**cfg.data_kwargs())
-    save_dataset(ds, outputs.path(args.out, is_dir=True))
+    with tracker_for(cfg, "prepare", params={"data": cfg.raw.get("data") or {}}) as tracker:
+        ds = load_dataset(**cfg.data_kwargs())
+        save_dataset(ds, outputs.path(args.out, is_dir=True))
+        tracker.log_metrics({"n_train": len(ds.y_train), "n_test": len(ds.y_test),
+                             "n_features": ds.X_train.shape[1]})
     print(f"[prepare] {cfg.data.source or 'digits'}: {len(ds.y_train)} train / "
           f"{len(ds.y_test)} test rows, {ds.X_train.shape[1]} features, task {ds.task}")
 

@@ -1,0 +1,1126 @@
+"""MLflow tracking for pipeline stages that a tracking server being down never breaks.
+
+One :class:`Tracker` is one MLflow run per stage execution. Children (:meth:`Tracker.child`) are
+nested runs for CV folds, search trials or ensemble members. Every MLflow call is guarded: on the
+first failure the tracker warns once (:class:`TrackingWarning`), goes offline for the rest of the
+stage and appends everything it would have logged to ``<outbox>/<run-uuid>.jsonl``;
+:func:`sync_outbox` (or ``python -m nnpipe.tracking sync``) replays those files later.
+
+Examples
+--------
+::
+
+    from nnpipe.tracking import Tracker, flatten
+
+    with Tracker("train", params=flatten(params)) as run:
+        clf = NNClassifier(callbacks=[run.epoch_logger()]).fit(X, y)
+        for k, (tr, va) in enumerate(folds):
+            with run.child(f"fold-{k}", params={"fold": k}) as fold:
+                fold.log_metrics({"acc": score(tr, va)})
+        run.log_model(nnpipe.save(clf, "models/clf"))
+
+mlflow is imported inside the functions that use it: importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+
+from skorch.callbacks import Callback
+
+from ._registry import invalid_value
+
+__all__ = ["Tracker", "EpochLogger", "TrackingWarning", "tracking_uri", "repo_root", "flatten",
+           "sync_outbox", "DEFAULT_OUTBOX", "PARAM_VALUE_LIMIT"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Where offline trackers write by default (relative to the working directory).
+DEFAULT_OUTBOX = Path("metrics") / "mlflow_outbox"
+#: MLflow's limit on a param value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``).
+PARAM_VALUE_LIMIT = 6000
+_TAG_VALUE_LIMIT = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+_PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+_UPLOAD_TIMEOUT = "60"  # artifact uploads stream data: a 5 s read timeout is too tight for them
+_DVC_TMP = (".dvc", "tmp", "exps")
+# MLflow error codes meaning "the server is up and refused this particular request"; every other
+# failure (connection refused, timeout, 5xx, auth, a locked sqlite file) takes the tracker offline
+_REJECTIONS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"}
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_OUTBOX_FORMAT = 1
+_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+try:  # advisory locks keep `sync` away from an outbox file a live stage is still writing
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+class TrackingWarning(UserWarning):
+    """MLflow tracking failed or rejected something; training goes on."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    note = f"... [truncated, {len(text)} chars]"
+    return text[:limit - len(note)] + note
+
+
+def _git(args: List[str], cwd: Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _check_name(argument: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise invalid_value(argument, value, "a non-empty string")
+    return value
+
+
+def _check_mapping(argument: str, value: Any, optional: bool = True) -> Dict[Any, Any]:
+    if value is None and optional:
+        return {}
+    if not isinstance(value, Mapping):
+        raise invalid_value(argument, value, "a dict" + (" or None" if optional else ""))
+    return dict(value)
+
+
+def _short(exc: BaseException) -> str:
+    return _truncate(f"{type(exc).__name__}: {exc}".replace("\n", " "), 400)
+
+
+def _is_rejection(exc: BaseException) -> bool:
+    return getattr(exc, "error_code", None) in _REJECTIONS
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def repo_root(start: Optional[PathLike] = None) -> Path:
+    """The repository an experiment belongs to, as an absolute path.
+
+    Inside a ``dvc exp run --queue`` / ``--temp`` workspace (``<root>/.dvc/tmp/exps/...``) this is
+    the original repository ``<root>``, not the temporary copy; otherwise the git top level of
+    ``start``; otherwise ``start`` itself.
+
+    Parameters
+    ----------
+    start : path, optional
+        Where to look from; the working directory by default.
+    """
+    start = Path(os.getcwd() if start is None else start).resolve()
+    parts = start.parts
+    for i in range(len(parts) - len(_DVC_TMP) + 1):
+        if parts[i:i + len(_DVC_TMP)] == _DVC_TMP and i > 0:
+            return Path(*parts[:i])
+    top = _git(["rev-parse", "--show-toplevel"], start if start.is_dir() else start.parent)
+    return Path(top).resolve() if top else start
+
+
+def tracking_uri(start: Optional[PathLike] = None) -> str:
+    """The MLflow tracking URI stages log to.
+
+    ``MLFLOW_TRACKING_URI`` wins when set; otherwise ``sqlite:///<repo root>/mlflow.db`` with an
+    absolute path, the repo root found by :func:`repo_root` (so an experiment queued with
+    ``dvc exp run --queue`` logs to the original repository's database, not its temporary copy's).
+
+    Parameters
+    ----------
+    start : path, optional
+        Where to look for the repository from; the working directory by default.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> env = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    >>> uri = tracking_uri(os.path.join(root, ".dvc", "tmp", "exps", "tmpabc"))
+    >>> uri == "sqlite:///" + (Path(root).resolve() / "mlflow.db").as_posix()
+    True
+    >>> if env is not None: os.environ["MLFLOW_TRACKING_URI"] = env
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    return "sqlite:///" + (repo_root(start) / "mlflow.db").as_posix()
+
+
+def _artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """Where a new experiment's artifacts go: next to a sqlite database, never under the cwd.
+
+    MLflow's default for a sqlite store is ``./mlruns`` of whatever directory the process runs in,
+    which for a queued DVC experiment is a temporary copy that is deleted afterwards.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (Path(db).resolve().parent / "mlruns" / slug).as_uri()
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _param_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        with contextlib.suppress(Exception):
+            return _param_value(value.item())
+    if isinstance(value, (list, tuple)):
+        text = json.dumps(list(value), default=str)
+    else:
+        text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    return _truncate(text, PARAM_VALUE_LIMIT)
+
+
+def flatten(mapping: Mapping[str, Any], sep: str = ".") -> Dict[str, Any]:
+    """Flatten nested dicts into MLflow params: ``{"a": {"lr": 1e-3}}`` -> ``{"a.lr": 1e-3}``.
+
+    Numbers, booleans and None stay as they are; lists and tuples become their JSON text; anything
+    else its ``str``. A value longer than MLflow's limit (:data:`PARAM_VALUE_LIMIT` characters) is
+    truncated and ends with a note giving its full length. An empty dict becomes ``"{}"``.
+
+    Parameters
+    ----------
+    mapping : dict
+    sep : str
+        Joins the keys of nested levels.
+
+    Examples
+    --------
+    >>> flatten({"train": {"lr": 0.001, "layers": [64, 32]}, "seed": 0})
+    {'train.lr': 0.001, 'train.layers': '[64, 32]', 'seed': 0}
+    """
+    if not isinstance(mapping, Mapping):
+        raise invalid_value("mapping", mapping, "a dict (nested dicts are flattened)")
+    if not isinstance(sep, str) or not sep:
+        raise invalid_value("sep", sep, "a non-empty string")
+    out: Dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}{sep}{key}" if prefix else str(key), sub)
+        elif isinstance(value, Mapping):
+            out[prefix] = "{}"
+        else:
+            out[prefix] = _param_value(value)
+
+    for key, value in mapping.items():
+        walk(str(key), value)
+    return out
+
+
+def _metric_values(metrics: Any) -> Dict[str, float]:
+    metrics = _check_mapping("metrics", metrics, optional=False)
+    values = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item") and not isinstance(value, (Real, bool)):
+            with contextlib.suppress(Exception):
+                value = value.item()
+        if not isinstance(value, Real) or isinstance(value, bool):
+            raise invalid_value(f"metrics[{key!r}]", value, "a real number")
+        values[str(key)] = float(value)
+    return values
+
+
+# --------------------------------------------------------------------------- mlflow plumbing
+
+
+def _set_env(values: Mapping[str, str]) -> Dict[str, Optional[str]]:
+    """Set environment variables the user has not set; returns what to restore."""
+    changed = {}
+    for name, value in values.items():
+        if name not in os.environ:
+            changed[name] = value
+            os.environ[name] = value
+    return changed
+
+
+def _restore_env(changed: Mapping[str, str]) -> None:
+    for name, value in changed.items():
+        if os.environ.get(name) == value:  # leave it alone if someone else changed it since
+            del os.environ[name]
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]) -> Iterator[None]:
+    changed = _set_env(values)
+    try:
+        yield
+    finally:
+        _restore_env(changed)
+
+
+@contextlib.contextmanager
+def _uploading(timeout_is_ours: bool) -> Iterator[None]:
+    """No progress bars; a longer HTTP read timeout for uploads when nnpipe set the short one.
+
+    Artifact uploads stream data and the server may answer only once it has stored them, so the
+    5 s timeout that bounds ordinary calls is too tight; a timeout the user set is kept.
+    """
+    name = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+    saved = os.environ.get(name)
+    if timeout_is_ours:
+        os.environ[name] = _UPLOAD_TIMEOUT
+    try:
+        with _env({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            yield
+    finally:
+        if timeout_is_ours and saved is not None:
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point mlflow's global tracking URI at ``uri`` for the duration; restore it and the env."""
+    import mlflow
+
+    try:
+        from mlflow.tracking._tracking_service import utils as _tracking_utils
+        previous = _tracking_utils._tracking_uri
+    except (ImportError, AttributeError):  # pragma: no cover - mlflow internals moved
+        previous = mlflow.get_tracking_uri()
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def _is_http(uri: str) -> bool:
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        except Exception as exc:  # another process created it first
+            if not _is_rejection(exc):
+                raise
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise RuntimeError(f"experiment {name!r} is deleted in {uri}; restore it or choose another "
+                           "experiment name.")
+    return experiment.experiment_id
+
+
+def _log_batch(client, run_id: str, params: Mapping[str, Any] = (), tags: Mapping[str, Any] = (),
+               metrics: Mapping[str, float] = (), step: int = 0,
+               timestamp: Optional[int] = None) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    params = [Param(k, str(v)) for k, v in dict(params).items()]
+    tags = [RunTag(k, _truncate(str(v), _TAG_VALUE_LIMIT)) for k, v in dict(tags).items()]
+    timestamp = _now_ms() if timestamp is None else int(timestamp)
+    metrics = [Metric(k, float(v), timestamp, int(step)) for k, v in dict(metrics).items()]
+    for i in range(0, len(params), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=params[i:i + _PARAMS_PER_BATCH])
+    for i in range(0, len(tags), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=tags[i:i + _PARAMS_PER_BATCH])
+    for i in range(0, len(metrics), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + _METRICS_PER_BATCH])
+
+
+def _requirements() -> List[str]:
+    from importlib import metadata
+
+    from . import __version__
+
+    reqs = [f"nnpipe=={__version__}"]
+    for dist in ("mlflow", "torch", "skorch", "scikit-learn", "numpy", "safetensors", "pandas"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+    return reqs
+
+
+def _log_pyfunc(client, uri: str, run_id: str, experiment_id: str, model_dir: Path, name: str,
+                params: Mapping[str, Any], kwargs: Mapping[str, Any],
+                timeout_is_ours: bool = False) -> str:
+    """Log ``model_dir`` as a models-from-code pyfunc model of run ``run_id``; returns its URI.
+
+    The LoggedModel is created in the run's experiment explicitly, so no fluent (global) active
+    run is needed and the user's own active run or experiment, if any, is left alone.
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    kwargs = dict(kwargs)
+    kwargs.setdefault("pip_requirements", _requirements())
+    model = client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id,
+        params={k: _truncate(str(v), PARAM_VALUE_LIMIT) for k, v in dict(params).items()})
+    with _global_tracking_uri(uri), _uploading(timeout_is_ours):
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                         model_id=model.model_id,
+                         python_model=str(_MODEL_CODE), artifacts={"model": str(model_dir)},
+                         flavor_name="pyfunc.ModelFromCode", **kwargs)
+    return info.model_uri
+
+
+# --------------------------------------------------------------------------- shared run-tree state
+
+
+class _Tree:
+    """State shared by a root tracker and all its children: connection, offline flag, outbox."""
+
+    def __init__(self, uri: str, outbox: Path, key: str):
+        self.uri = uri
+        self.outbox = outbox
+        self.file = outbox / f"{key}.jsonl"
+        self.lock = threading.RLock()
+        self.offline = False
+        self.recorded: set = set()
+        self._client = None
+        self._fh = None
+        self._env: Dict[str, str] = {}
+        self._write_failed = False
+
+    @property
+    def timeout_is_ours(self) -> bool:
+        return "MLFLOW_HTTP_REQUEST_TIMEOUT" in self._env
+
+    def client(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def open(self) -> None:
+        if _is_http(self.uri):
+            self._env = _set_env(_HTTP_ENV)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._fh is not None:
+                with contextlib.suppress(OSError):
+                    self._fh.flush()
+                    os.fsync(self._fh.fileno())
+                self._fh.close()  # releases the lock
+                self._fh = None
+            _restore_env(self._env)
+            self._env = {}
+
+    def go_offline(self, what: str, exc: BaseException) -> None:
+        with self.lock:
+            if self.offline:
+                return
+            self.offline = True
+        warnings.warn(
+            f"nnpipe.tracking: MLflow at {self.uri} failed while {what} ({_short(exc)}). Training "
+            f"goes on with tracking offline: everything this stage logs from now on is kept in "
+            f"{self.file}. Replay it once the tracking store is reachable with `python -m "
+            f"nnpipe.tracking sync --outbox {self.outbox} --uri {self.uri}`.",
+            TrackingWarning, stacklevel=4)
+
+    def append(self, record: Dict[str, Any]) -> None:
+        line = json.dumps({"v": _OUTBOX_FORMAT, **record}, default=str)
+        with self.lock:
+            try:
+                if self._fh is None:
+                    self.outbox.mkdir(parents=True, exist_ok=True)
+                    self._fh = open(self.file, "a", encoding="utf-8")
+                    if fcntl is not None:
+                        with contextlib.suppress(OSError):
+                            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fh.write(line + "\n")
+                self._fh.flush()
+            except OSError as exc:
+                if not self._write_failed:
+                    self._write_failed = True
+                    warnings.warn(f"nnpipe.tracking: cannot write the tracking outbox {self.file} "
+                                  f"({_short(exc)}); what this stage logs is lost.",
+                                  TrackingWarning, stacklevel=4)
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+class Tracker:
+    """One MLflow run for one stage execution; a context manager.
+
+    Every MLflow call is guarded and time-bounded. On the first failure (server down, timeout,
+    unwritable store) the tracker warns once with :class:`TrackingWarning`, goes offline with all
+    its children, and appends everything it would have logged (params, metrics with steps, tags,
+    artifact paths, models, the run hierarchy, the final status) as JSON lines to
+    ``<outbox>/<run-uuid>.jsonl``, to be replayed by :func:`sync_outbox`. A request the store
+    *rejects* (e.g. a param re-logged with another value) is skipped with a warning instead.
+
+    For ``http(s)`` URIs the tracker sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT=5`` for its lifetime, unless they are set already, so an
+    unreachable server costs seconds, not minutes.
+
+    Parameters
+    ----------
+    stage : str
+        The stage name: the run name and the ``nnpipe.stage`` tag.
+    params : dict, optional
+        Params to log at the start; nested dicts are flattened with :func:`flatten`.
+    experiment : str
+        MLflow experiment name, created if missing. Next to a sqlite database, its artifacts go
+        to ``<database dir>/mlruns/<experiment>``.
+    uri : str, optional
+        Tracking URI; :func:`tracking_uri` by default.
+    tags : dict, optional
+        Extra run tags. The tracker sets ``nnpipe.stage``, ``mlflow.source.git.commit`` (git
+        ``HEAD``, when in a git repository), ``nnpipe.dvc_experiment`` (``$DVC_EXP_NAME``, when
+        set) and ``mlflow.user``.
+    outbox : path
+        Directory for offline records, relative to the working directory at construction.
+
+    Attributes
+    ----------
+    run_id : str or None
+        The MLflow run id; None until started, or when the run was never created (offline).
+    offline : bool
+    status : str
+        ``"PENDING"``, ``"RUNNING"``, then ``"FINISHED"``, ``"FAILED"`` or ``"KILLED"``.
+
+    Examples
+    --------
+    ::
+
+        with Tracker("train", params={"lr": 1e-3}) as run:
+            run.log_metrics({"acc": 0.9}, step=1)
+            with run.child("fold-0") as fold:
+                fold.log_metrics({"acc": 0.8})
+    """
+
+    def __init__(self, stage: str, params: Optional[Mapping[str, Any]] = None, *,
+                 experiment: str = "nnpipe", uri: Optional[str] = None,
+                 tags: Optional[Mapping[str, Any]] = None, outbox: PathLike = DEFAULT_OUTBOX):
+        self.stage = _check_name("stage", stage)
+        self.experiment = _check_name("experiment", experiment)
+        if uri is not None:
+            _check_name("uri", uri)
+        self._params = flatten(_check_mapping("params", params))
+        self._tags = {str(k): str(v) for k, v in _check_mapping("tags", tags).items()}
+        if not isinstance(outbox, (str, os.PathLike)):
+            raise invalid_value("outbox", outbox, "a directory path")
+        self.uri = uri if uri is not None else tracking_uri()
+        self.outbox = Path(outbox).absolute()
+        self.key = uuid.uuid4().hex
+        self.run_id: Optional[str] = None
+        self.status = "PENDING"
+        self._parent: Optional[Tracker] = None
+        self._tree: Optional[_Tree] = None
+        self._experiment_id: Optional[str] = None
+        self._children: List[Tracker] = []
+        self._start_time: Optional[int] = None
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def name(self) -> str:
+        """The run name (the stage for a root tracker, the child name for a child)."""
+        return self.stage
+
+    @property
+    def offline(self) -> bool:
+        """True once tracking has switched to the outbox."""
+        return self._tree is not None and self._tree.offline
+
+    @property
+    def outbox_file(self) -> Path:
+        """The JSON-lines file offline records go to (shared with the whole run tree)."""
+        root = self
+        while root._parent is not None:
+            root = root._parent
+        return self.outbox / f"{root.key}.jsonl"
+
+    def __copy__(self) -> "Tracker":
+        return self  # a handle on one run: copies (sklearn.clone of a callback) share it
+
+    def __deepcopy__(self, memo) -> "Tracker":
+        return self
+
+    def __repr__(self) -> str:
+        state = "offline" if self.offline else self.status.lower()
+        return f"Tracker({self.stage!r}, run_id={self.run_id!r}, {state})"
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> "Tracker":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            killed = issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+            self.end("KILLED" if killed else "FAILED", error=exc)
+        return False
+
+    def start(self) -> "Tracker":
+        """Create the MLflow run (``with`` does this); returns ``self``."""
+        if self.status != "PENDING":
+            raise RuntimeError(f"Tracker {self.stage!r} was started already (status "
+                               f"{self.status}); create a new Tracker for a new run.")
+        if self._parent is not None and self._parent.status != "RUNNING":
+            raise RuntimeError(f"cannot start child {self.stage!r}: its parent "
+                               f"{self._parent.stage!r} is {self._parent.status}.")
+        if self._parent is None:
+            self._tree = _Tree(self.uri, self.outbox, self.key)
+            self._tree.open()
+        self._start_time = _now_ms()
+        self.status = "RUNNING"
+        tags = self._system_tags()
+        tags.update(self._tags)
+        self._tags = tags
+        self._guarded(f"creating run {self.stage!r} in experiment {self.experiment!r}",
+                      self._create_run, None, creating=True)
+        if self.offline:
+            with self._tree.lock:
+                self._ensure_recorded()
+        return self
+
+    def end(self, status: str = "FINISHED", error: Optional[BaseException] = None) -> None:
+        """End the run with ``status`` (``with`` does this); open children end with it too."""
+        if status not in _STATUSES:
+            raise invalid_value("status", status, f"one of {', '.join(map(repr, _STATUSES))}")
+        if self.status == "PENDING":
+            raise RuntimeError(f"Tracker {self.stage!r} was never started.")
+        if self.status != "RUNNING":
+            return
+        for child in self._children:
+            if child.status == "RUNNING":
+                child.end(status)
+        if error is not None:
+            self.set_tags({"nnpipe.error": _short(error)})
+        try:
+            end_time = _now_ms()
+            self._guarded(f"ending run {self.stage!r}",
+                          lambda: self._tree.client().set_terminated(self.run_id, status, end_time),
+                          {"type": "end", "status": status, "end_time": end_time})
+        finally:
+            self.status = status
+            if self._parent is None:
+                self._tree.close()
+
+    def child(self, name: str, params: Optional[Mapping[str, Any]] = None, *,
+              tags: Optional[Mapping[str, Any]] = None) -> "Tracker":
+        """A nested run (``mlflow.parentRunId`` = this run) for a fold, a trial, a member.
+
+        Use it as a context manager; a child that is logged to without ``with`` starts itself and
+        is ended when its parent ends.
+        """
+        _check_name("name", name)
+        self._require_running()
+        kid = Tracker(name, params, experiment=self.experiment, uri=self.uri, tags=tags,
+                      outbox=self.outbox)
+        kid._parent, kid._tree = self, self._tree
+        self._children.append(kid)
+        return kid
+
+    # ----------------------------------------------------------------- logging
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params; nested dicts are flattened with :func:`flatten`."""
+        flat = flatten(_check_mapping("params", params, optional=False))
+        self._require_running()
+        self._params.update(flat)
+        self._guarded(f"logging params to run {self.stage!r}",
+                      lambda: _log_batch(self._tree.client(), self.run_id, params=flat),
+                      {"type": "params", "params": flat})
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Log numeric metrics at ``step`` (MLflow's step 0 when None)."""
+        values = _metric_values(metrics)
+        if step is not None and (not isinstance(step, Integral) or isinstance(step, bool)):
+            raise invalid_value("step", step, "an int or None")
+        self._require_running()
+        step, stamp = int(step or 0), _now_ms()
+        self._guarded(f"logging metrics to run {self.stage!r}",
+                      lambda: _log_batch(self._tree.client(), self.run_id, metrics=values,
+                                         step=step, timestamp=stamp),
+                      {"type": "metrics", "metrics": values, "step": step, "timestamp": stamp})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values are converted to strings)."""
+        values = {str(k): str(v) for k, v in _check_mapping("tags", tags, optional=False).items()}
+        self._require_running()
+        self._tags.update(values)
+        self._guarded(f"setting tags on run {self.stage!r}",
+                      lambda: _log_batch(self._tree.client(), self.run_id, tags=values),
+                      {"type": "tags", "tags": values})
+
+    def log_artifact(self, path: PathLike, artifact_path: Optional[str] = None) -> None:
+        """Log one file (under ``artifact_path`` in the run's artifacts, if given)."""
+        self._log_files(path, artifact_path, directory=False)
+
+    def log_artifacts(self, directory: PathLike, artifact_path: Optional[str] = None) -> None:
+        """Log a directory's files (under ``artifact_path`` in the run's artifacts, if given)."""
+        self._log_files(directory, artifact_path, directory=True)
+
+    def log_model(self, model_dir: PathLike, name: str = "model", **kwargs: Any) -> Optional[str]:
+        """Log an :func:`nnpipe.save` directory as an MLflow pyfunc model; returns its URI.
+
+        The model is logged "from code" (``nnpipe/mlflow_model.py``) with the directory as its
+        artifact ``"model"``: nothing is pickled. Load it with ``mlflow.pyfunc.load_model(uri)``
+        (with the tracking URI pointing at this store).
+
+        Parameters
+        ----------
+        model_dir : path
+            A directory written by :func:`nnpipe.save`.
+        name : str
+            The logged model's name.
+        **kwargs
+            Passed on to MLflow's model logging (``signature``, ``input_example``,
+            ``registered_model_name``, ``pip_requirements``, ...).
+
+        Returns
+        -------
+        str or None
+            The model URI (``models:/<model id>``), or None when tracking is offline (the model
+            is then logged by :func:`sync_outbox`; only JSON-serialisable ``kwargs`` are kept).
+        """
+        model_dir = Path(model_dir).absolute()
+        if not model_dir.is_dir():
+            raise invalid_value("model_dir", str(model_dir),
+                                "an existing directory written by nnpipe.save")
+        _check_name("name", name)
+        self._require_running()
+        try:
+            saved_kwargs = json.loads(json.dumps(kwargs))
+        except (TypeError, ValueError):
+            saved_kwargs = {k: v for k, v in kwargs.items() if _jsonable(v)}
+        record = {"type": "model", "path": str(model_dir), "name": name, "kwargs": saved_kwargs}
+        return self._guarded(
+            f"logging model {name!r} to run {self.stage!r}",
+            lambda: _log_pyfunc(self._tree.client(), self.uri, self.run_id, self._experiment_id,
+                                model_dir, name, self._params, kwargs,
+                                self._tree.timeout_is_ours),
+            record)
+
+    def epoch_logger(self, prefix: str = "", skip: Iterable[str] = ()) -> "EpochLogger":
+        """A skorch callback logging each epoch's numeric history entries to this run.
+
+        See :class:`EpochLogger`.
+        """
+        return EpochLogger(self, prefix=prefix, skip=skip)
+
+    # ----------------------------------------------------------------- internals
+
+    def _system_tags(self) -> Dict[str, str]:
+        root = self
+        while root._parent is not None:
+            root = root._parent
+        tags = {"nnpipe.stage": root.stage, "mlflow.runName": self.stage}
+        if self._parent is not None:
+            tags.update({k: v for k, v in self._parent._tags.items()
+                         if k in ("mlflow.source.git.commit", "nnpipe.dvc_experiment",
+                                  "mlflow.user")})
+            return tags
+        commit = _git(["rev-parse", "HEAD"], Path.cwd())
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["nnpipe.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+        with contextlib.suppress(Exception):
+            tags["mlflow.user"] = getpass.getuser()
+        return tags
+
+    def _create_run(self) -> None:
+        client = self._tree.client()
+        tags = dict(self._tags)
+        if self._parent is None:
+            self._experiment_id = _experiment_id(client, self.uri, self.experiment)
+        else:
+            self._experiment_id = self._parent._experiment_id
+            tags["mlflow.parentRunId"] = self._parent.run_id
+        run = client.create_run(self._experiment_id, start_time=self._start_time, tags=tags,
+                                run_name=self.stage)
+        self.run_id = run.info.run_id
+        if self._params:
+            _log_batch(client, self.run_id, params=self._params)
+
+    def _require_running(self) -> None:
+        if self.status == "PENDING" and self._parent is not None:
+            self.start()
+        if self.status == "PENDING":
+            raise RuntimeError(f"Tracker {self.stage!r} was never started: use "
+                               "`with Tracker(...) as run:`.")
+        if self.status != "RUNNING":
+            raise RuntimeError(f"Tracker {self.stage!r} has ended ({self.status}).")
+
+    def _log_files(self, path: PathLike, artifact_path: Optional[str], directory: bool) -> None:
+        path = Path(path).absolute()
+        ok = path.is_dir() if directory else path.is_file()
+        if not ok:
+            argument = "directory" if directory else "path"
+            raise invalid_value(argument, str(path),
+                                "an existing directory" if directory else "an existing file")
+        self._require_running()
+
+        def call():
+            client = self._tree.client()
+            with _uploading(self._tree.timeout_is_ours):
+                if directory:
+                    client.log_artifacts(self.run_id, str(path), artifact_path)
+                else:
+                    client.log_artifact(self.run_id, str(path), artifact_path)
+
+        self._guarded(f"logging artifact {path}", call,
+                      {"type": "artifact", "path": str(path), "artifact_path": artifact_path,
+                       "dir": directory})
+
+    def _guarded(self, what: str, call, record: Optional[Dict[str, Any]], creating: bool = False):
+        tree = self._tree
+        if not tree.offline and (self.run_id is not None or creating):
+            try:
+                return call()
+            except Exception as exc:
+                if _is_rejection(exc) and not creating:
+                    warnings.warn(f"nnpipe.tracking: MLflow at {self.uri} rejected {what} "
+                                  f"({_short(exc)}); skipped, tracking goes on.",
+                                  TrackingWarning, stacklevel=3)
+                    return None
+                tree.go_offline(what, exc)
+        if record is not None:
+            with tree.lock:
+                self._ensure_recorded()
+                tree.append({**record, "run": self.key})
+        return None
+
+    def _ensure_recorded(self) -> None:
+        """Write this run's (and its ancestors') ``run`` record before its first data record."""
+        tree = self._tree
+        if self.key in tree.recorded:
+            return
+        if self._parent is not None:
+            self._parent._ensure_recorded()
+        tree.append({
+            "type": "run", "run": self.key,
+            "parent": self._parent.key if self._parent is not None else None,
+            "name": self.stage, "experiment": self.experiment, "uri": self.uri,
+            "mlflow_run_id": self.run_id, "start_time": self._start_time,
+            "tags": dict(self._tags), "params": dict(self._params),
+        })
+        tree.recorded.add(self.key)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class EpochLogger(Callback):
+    """skorch callback: log each epoch's numeric history entries to a :class:`Tracker`.
+
+    Everything numeric in the epoch's history row is logged with ``step=epoch`` (train_loss,
+    valid_loss, valid_acc, lr, dur, ...), except ``epoch`` itself, the ``*_best`` flags
+    (booleans) and the names in ``skip``. Copies made by ``sklearn.clone`` log to the same
+    tracker.
+
+    Parameters
+    ----------
+    tracker : Tracker
+    prefix : str
+        Prepended to each metric name (e.g. ``"fold0/"``).
+    skip : iterable of str
+        History keys not to log (e.g. ``("dur",)``).
+    """
+
+    def __init__(self, tracker: Tracker, prefix: str = "", skip: Iterable[str] = ()):
+        self.tracker = tracker
+        self.prefix = prefix
+        self.skip = skip
+
+    def __deepcopy__(self, memo):  # sklearn.clone deep-copies callbacks; share the tracker
+        return type(self)(self.tracker, prefix=self.prefix, skip=tuple(self.skip))
+
+    def initialize(self):
+        if not isinstance(self.tracker, Tracker):
+            raise invalid_value("tracker", self.tracker, "an nnpipe.tracking.Tracker")
+        if not isinstance(self.prefix, str):
+            raise invalid_value("prefix", self.prefix, "a string")
+        self.skip_ = {"epoch", "batches", *self.skip}
+        return self
+
+    def on_epoch_end(self, net, **kwargs):
+        row = net.history[-1]
+        values = {f"{self.prefix}{key}": float(value) for key, value in row.items()
+                  if key not in self.skip_ and isinstance(value, Real)
+                  and not isinstance(value, bool) and type(value).__name__ != "bool_"}
+        if values:
+            self.tracker.log_metrics(values, step=int(row["epoch"]))
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[Optional[Any]]:
+    """Open ``path`` with an exclusive lock; yields None when a live stage still holds it."""
+    with open(path, "r", encoding="utf-8") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield None
+                return
+        yield fh
+
+
+def _read_records(path: Path, fh) -> List[Dict[str, Any]]:
+    records = []
+    for number, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{number} is not valid JSON (a stage stopped mid-write?); "
+                          "skipping that line.", TrackingWarning, stacklevel=3)
+            continue
+        if not isinstance(record, dict) or "type" not in record or "run" not in record:
+            raise ValueError(f"{path}:{number} is not an nnpipe outbox record: {line[:200]!r}")
+        if record.get("v", 1) > _OUTBOX_FORMAT:
+            raise ValueError(f"{path}:{number} was written by a newer nnpipe (outbox format "
+                             f"{record['v']} > {_OUTBOX_FORMAT}); upgrade nnpipe to sync it.")
+        records.append(record)
+    return records
+
+
+class _Replay:
+    """Replays one outbox file into a tracking store."""
+
+    def __init__(self, client, uri: str, path: Path, timeout_is_ours: bool):
+        self.client, self.uri, self.path = client, uri, path
+        self.timeout_is_ours = timeout_is_ours
+        self.runs: Dict[str, str] = {}  # outbox key -> run id
+        self.experiments: Dict[str, str] = {}  # run id -> experiment id
+        self.params: Dict[str, Dict[str, Any]] = {}
+        self.ended: set = set()
+
+    def _soft(self, what: str, fn) -> None:
+        """Run ``fn``; a rejection (e.g. a param already set to another value) only warns."""
+        try:
+            fn()
+        except Exception as exc:
+            if not _is_rejection(exc):
+                raise
+            warnings.warn(f"{self.path}: MLflow rejected {what} ({_short(exc)}); skipped.",
+                          TrackingWarning, stacklevel=4)
+
+    def _existing(self, run_id: Optional[str]):
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as exc:
+            if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return run if run.info.lifecycle_stage == "active" else None
+
+    def run(self, rec: Dict[str, Any]) -> None:
+        key = rec["run"]
+        tags = {str(k): str(v) for k, v in (rec.get("tags") or {}).items()}
+        run = self._existing(rec.get("mlflow_run_id"))
+        if run is None:
+            exp_id = _experiment_id(self.client, self.uri, rec.get("experiment") or "nnpipe")
+            found = self.client.search_runs([exp_id], f"tags.`nnpipe.outbox_key` = '{key}'",
+                                            max_results=1)
+            if found:
+                run = found[0]
+            else:
+                if rec.get("parent"):
+                    tags["mlflow.parentRunId"] = self._run_id(rec["parent"])
+                tags["nnpipe.outbox_key"] = key
+                run = self.client.create_run(exp_id, start_time=rec.get("start_time"), tags=tags,
+                                             run_name=rec.get("name"))
+        run_id = run.info.run_id
+        self.runs[key] = run_id
+        self.experiments[run_id] = run.info.experiment_id
+        self.params[key] = dict(rec.get("params") or {})
+        self._soft("params",
+                   lambda: _log_batch(self.client, run_id, params=rec.get("params") or {}))
+        self._soft("tags", lambda: _log_batch(self.client, run_id, tags=tags))
+
+    def _run_id(self, key: str) -> str:
+        if key not in self.runs:
+            raise ValueError(f"{self.path}: a record refers to run {key!r} before its 'run' "
+                             "record; the file is damaged.")
+        return self.runs[key]
+
+    def apply(self, rec: Dict[str, Any]) -> None:
+        kind = rec["type"]
+        if kind == "run":
+            return self.run(rec)
+        run_id = self._run_id(rec["run"])
+        if kind == "params":
+            self.params[rec["run"]].update(rec["params"])
+            self._soft("params", lambda: _log_batch(self.client, run_id, params=rec["params"]))
+        elif kind == "metrics":
+            self._soft("metrics", lambda: _log_batch(
+                self.client, run_id, metrics=rec["metrics"], step=rec.get("step") or 0,
+                timestamp=rec.get("timestamp")))
+        elif kind == "tags":
+            self._soft("tags", lambda: _log_batch(self.client, run_id, tags=rec["tags"]))
+        elif kind == "artifact":
+            path = Path(rec["path"])
+            if not path.exists():
+                warnings.warn(f"{self.path}: artifact {path} no longer exists; skipped.",
+                              TrackingWarning, stacklevel=3)
+                return
+            with _uploading(self.timeout_is_ours):
+                if rec.get("dir"):
+                    self.client.log_artifacts(run_id, str(path), rec.get("artifact_path"))
+                else:
+                    self.client.log_artifact(run_id, str(path), rec.get("artifact_path"))
+        elif kind == "model":
+            path = Path(rec["path"])
+            if not path.is_dir():
+                warnings.warn(f"{self.path}: model directory {path} no longer exists; skipped.",
+                              TrackingWarning, stacklevel=3)
+                return
+            _log_pyfunc(self.client, self.uri, run_id, self.experiments[run_id], path,
+                        rec.get("name") or "model", self.params[rec["run"]],
+                        rec.get("kwargs") or {}, self.timeout_is_ours)
+        elif kind == "end":
+            self.client.set_terminated(run_id, rec.get("status", "FINISHED"), rec.get("end_time"))
+            self.ended.add(rec["run"])
+        else:
+            raise ValueError(f"{self.path}: unknown outbox record type {kind!r}.")
+
+    def finish(self) -> None:
+        """Runs with no ``end`` record belong to a stage that died: mark them FAILED."""
+        for key, run_id in self.runs.items():
+            if key not in self.ended:
+                _log_batch(self.client, run_id, tags={
+                    "nnpipe.outbox_note": "the stage stopped without ending this run"})
+                self.client.set_terminated(run_id, "FAILED")
+
+
+def sync_outbox(outbox: PathLike = DEFAULT_OUTBOX, uri: Optional[str] = None) -> int:
+    """Replay offline tracking records into a tracking store; returns the number of runs synced.
+
+    Each ``<outbox>/*.jsonl`` file is replayed in full (runs and nested runs with their parent
+    links, params, metrics with their steps and timestamps, tags, artifacts, models, final status)
+    and then deleted. A run that was created online before the tracker went offline is continued
+    when it exists in the store; otherwise a new run is created (tagged ``nnpipe.outbox_key``, so
+    running sync again after an interruption continues that run instead of duplicating it).
+    Files a running stage is still writing are skipped.
+
+    Parameters
+    ----------
+    outbox : path
+        The outbox directory (``metrics/mlflow_outbox`` by default).
+    uri : str, optional
+        Tracking URI; :func:`tracking_uri` by default.
+
+    Raises
+    ------
+    RuntimeError
+        When a file cannot be replayed (e.g. the store is still down); that file is kept.
+    """
+    if not isinstance(outbox, (str, os.PathLike)):
+        raise invalid_value("outbox", outbox, "a directory path")
+    outbox = Path(outbox)
+    uri = uri if uri is not None else tracking_uri()
+    _check_name("uri", uri)
+    files = sorted(outbox.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name)) \
+        if outbox.is_dir() else []
+    if not files:
+        return 0
+    synced = 0
+    changed = _set_env(_HTTP_ENV) if _is_http(uri) else {}
+    try:
+        client = _client(uri)
+        for path in files:
+            with _locked(path) as fh:
+                if fh is None:
+                    warnings.warn(f"{path} is being written by a running stage; not synced.",
+                                  TrackingWarning, stacklevel=2)
+                    continue
+                replay = _Replay(client, uri, path, "MLFLOW_HTTP_REQUEST_TIMEOUT" in changed)
+                try:
+                    for record in _read_records(path, fh):
+                        replay.apply(record)
+                    replay.finish()
+                except Exception as exc:
+                    raise RuntimeError(f"could not sync {path} to {uri} ({_short(exc)}); the file "
+                                       "is kept: run the sync again later.") from exc
+                path.unlink()
+                synced += len(replay.runs)
+    finally:
+        _restore_env(changed)
+    return synced
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m nnpipe.tracking sync [--outbox DIR] [--uri URI]``."""
+    parser = argparse.ArgumentParser(prog="python -m nnpipe.tracking",
+                                     description="nnpipe MLflow tracking utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync = commands.add_parser("sync", help="replay offline tracking records into MLflow")
+    sync.add_argument("--outbox", default=str(DEFAULT_OUTBOX),
+                      help="outbox directory (default: %(default)s)")
+    sync.add_argument("--uri", default=None,
+                      help="tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                           "sqlite:///<repo root>/mlflow.db)")
+    args = parser.parse_args(argv)
+    uri = args.uri or tracking_uri()
+    try:
+        count = sync_outbox(args.outbox, uri=uri)
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"synced {count} run{'s' if count != 1 else ''} from {args.outbox} to {uri}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The declarative pipeline end to end: dvc repro, caching, exp run, metrics, plots, MLflow."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from .conftest import TINY, sh, stage_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_repro_runs_every_stage_and_writes_the_declared_outputs(tiny_repo):
+    repo, proc = tiny_repo
+    for stage in ("prepare", "train", "cv", "evaluate"):
+        assert f"Running stage '{stage}'" in proc.stdout
+    for out in ("data/prepared/train.npz", "models/model/model.json", "metrics/train.json",
+                "metrics/cv.json", "metrics/evaluate.json", "models/cv_oof.npz",
+                "plots/train/learning_curves.csv", "plots/train/learning_curves.png",
+                "plots/evaluate/confusion.csv", "plots/evaluate/reliability.png",
+                "plots/cv/folds.csv"):
+        assert (repo / out).exists(), out
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert {"accuracy", "nll", "brier", "ece"} <= set(ev) and ev["accuracy"] > 0.85
+    cv = json.loads((repo / "metrics/cv.json").read_text())
+    assert len(cv["folds"]) == 2 and 0 < cv["std"]["accuracy"] < 0.1
+    oof = np.load(repo / "models/cv_oof.npz")
+    assert oof["oof"].shape == (1347, 10) and set(oof["fold"]) == {0, 1}
+    np.testing.assert_allclose(oof["oof"].sum(1), 1, atol=1e-4)
+    curves = (repo / "plots/train/learning_curves.csv").read_text().splitlines()
+    assert curves[0].startswith("epoch") and len(curves) == 1 + TINY["train"]["max_epochs"]
+
+
+def test_second_repro_runs_nothing_and_an_evaluate_key_reruns_only_evaluate(tiny_repo):
+    repo, _ = tiny_repo
+    env = stage_env(repo)
+    again = sh("dvc repro", repo, env=env)
+    assert "Running stage" not in again.stdout
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["ece_bins"] = 10
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = sh("dvc repro", repo, env=env)
+    assert "Running stage 'evaluate'" in changed.stdout
+    for stage in ("prepare", "train", "cv"):
+        assert f"Running stage '{stage}'" not in changed.stdout
+
+
+def test_metrics_and_plots_render(tiny_repo):
+    repo, _ = tiny_repo
+    shown = sh("dvc metrics show --json", repo, env=stage_env(repo))
+    metrics = json.loads(shown.stdout)
+    text = json.dumps(metrics)
+    assert "accuracy" in text and "train_loss" in text
+    out = repo / "plots_html"
+    sh(f"dvc plots show -o {out}", repo, env=stage_env(repo))
+    html = (out / "index.html").read_text()
+    assert "learning curves" in html or "learning_curves" in html
+    assert "confusion" in html
+
+
+def test_mlflow_holds_one_run_per_stage_with_nested_folds_and_a_servable_model(tiny_repo):
+    from mlflow.tracking import MlflowClient
+
+    repo, _ = tiny_repo
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get("nnpipe.stage"), []).append(r)
+    assert {"prepare", "train", "cv", "evaluate"} <= set(by_stage)
+    train = by_stage["train"][0]
+    assert train.data.params["train.lr"] == "0.01"
+    assert train.data.tags.get("mlflow.source.git.commit")
+    history = client.get_metric_history(train.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    cv_parent = [r for r in by_stage["cv"] if "mlflow.parentRunId" not in r.data.tags][0]
+    folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == cv_parent.info.run_id]
+    assert len(folds) == 2
+    import mlflow.pyfunc
+
+    import nnpipe
+    from nnpipe.data import read_dataset
+
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlflow.db")
+    try:
+        mlflow_model = mlflow.pyfunc.load_model(f"runs:/{train.info.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    ds = read_dataset(repo / "data/prepared")
+    local = nnpipe.load(repo / "models/model")
+    np.testing.assert_array_equal(np.asarray(mlflow_model.predict(ds.X_test)),
+                                  local.predict(ds.X_test))
+
+
+def test_exp_run_with_a_set_param(tiny_repo):
+    repo, _ = tiny_repo
+    proc = sh("dvc exp run -S train.lr=0.02", repo, env=stage_env(repo))
+    assert "Running stage 'train'" in proc.stdout
+    assert "Running stage 'prepare'" not in proc.stdout
+    shown = sh("dvc exp show --json", repo, env=stage_env(repo)).stdout
+    assert "0.02" in shown
+
+
+def test_interrupted_stage_exits_nonzero_and_leaves_no_output(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    params = dict(TINY, train={**TINY["train"], "max_epochs": 500}, tracking={"enabled": False})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "pipelines.train", "--params", str(tmp_path / "p.yaml"),
+           "--data", "data/prepared", "--model", str(out), "--metrics", str(tmp_path / "m.json"),
+           "--curves", str(tmp_path / "c.csv"), "--plot", str(tmp_path / "c.png")]
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = subprocess.Popen(cmd, cwd=repo, env=stage_env(repo), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(8)  # imports, data, a few epochs
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err
+        assert not out.exists() and not (tmp_path / "m.json").exists()
+        assert not list(tmp_path.glob(".*"))  # no staging folders left behind
+
+
+def test_failing_stage_exits_nonzero_with_the_reason(tiny_repo, tmp_path):
+    repo, _ = tiny_repo
+    bad = dict(TINY, train={**TINY["train"], "lr": -1})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = sh([sys.executable, "-m", "pipelines.train", "--params", str(tmp_path / "bad.yaml"),
+               "--data", "data/prepared", "--model", str(tmp_path / "m"), "--metrics",
+               str(tmp_path / "m.json"), "--curves", str(tmp_path / "c.csv"), "--plot",
+               str(tmp_path / "c.png")], repo, check=False, env=stage_env(repo))
+    assert proc.returncode == 1
+    assert "train.lr: must be a finite number > 0, got -1" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_serves_the_pipeline_runs_and_model_over_rest(tiny_repo):
+    import urllib.request
+
+    repo, _ = tiny_repo
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{repo}/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+
+    def call(path, body=None):
+        req = urllib.request.Request(base + path, method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        exp = call("/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")["experiment"]
+        runs = call("/api/2.0/mlflow/runs/search",
+                    {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+        stages = {t["value"] for r in runs for t in r["data"].get("tags", [])
+                  if t["key"] == "nnpipe.stage"}
+        assert {"prepare", "train", "cv", "evaluate"} <= stages
+        models = call("/api/2.0/mlflow/logged-models/search",
+                      {"experiment_ids": [exp["experiment_id"]]})["models"]
+        assert any(m["info"]["name"] == "model" for m in models)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
