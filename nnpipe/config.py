@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._registry import did_you_mean
 
-__all__ = ["Config", "ConfigError", "load_config", "validate_config", "json_schema",
+__all__ = ["Config", "ConfigError", "load_config", "validate_config", "with_overrides",
+           "json_schema",
            "MODEL_KEYS", "SECTIONS"]
 
 
@@ -132,6 +133,7 @@ class Config:
     evaluate: EvaluateSection
     tracking: TrackingSection
     extra: Dict[str, Any] = field(default_factory=dict)
+    search: Any = None  # nnpipe.search.SearchSettings when params.yaml has a search section
 
     @property
     def task(self) -> Optional[str]:
@@ -270,9 +272,45 @@ def validate_config(raw: Any, source: str = "params.yaml") -> Config:
             problems.append(("augment", str(exc)))
     if not problems:
         _check_estimator_sections(cfg, problems)
+    if not problems and "search" in raw:
+        _check_search(raw, cfg, problems)
     if problems:
         raise ConfigError(source, problems)
     return cfg
+
+
+def _check_search(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, str]]) -> None:
+    from .search import SearchSettings, validate_space
+
+    try:
+        task = cfg.task or ("classification" if cfg.data.source in (None, "digits") else None)
+        settings = SearchSettings.from_section(raw.get("search"), task)
+        if settings.enabled:
+            validate_space({k: v for k, v in raw.items() if k != "search"}, settings)
+        cfg.search = settings
+    except ValueError as exc:
+        problems.append(_split_path(str(exc), "search"))
+
+
+def _split_path(msg: str, default: str) -> Tuple[str, str]:
+    """'search.sampler must be ...' -> ('search.sampler', 'must be ...')."""
+    import re
+
+    match = re.match(r"(search(?:\.[A-Za-z0-9_]+)*)([:= ])", msg)
+    if not match:
+        return default, msg
+    head, sep = match.groups()
+    rest = msg[match.end():].strip() if sep != "=" else msg
+    return head, rest
+
+
+def with_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
+    """``cfg`` with dotted params.yaml paths set (the search's best parameters)."""
+    if not overrides:
+        return cfg
+    from .search import apply_overrides
+
+    return validate_config(apply_overrides(cfg.raw, overrides), cfg.source)
 
 
 def load_config(path: Union[str, Path] = "params.yaml") -> Config:
@@ -302,4 +340,12 @@ def json_schema() -> Dict[str, Any]:
             "patternProperties": {f"^({'|'.join(p.rstrip('_') for p in _ROUTED)})__": {}},
             "additionalProperties": False,
         }
+    from pydantic import TypeAdapter
+
+    from .search import SearchSettings
+
+    search = TypeAdapter(SearchSettings).json_schema()
+    search["description"] = "Optuna search (nnpipe.search.SearchSettings)"
+    search["additionalProperties"] = False
+    props["search"] = search
     return schema

@@ -498,6 +498,9 @@ class _NNMixin:
                 history.record_batch(prefix + "_batch_size", len(batch[0]))
                 self.notify("on_batch_end", batch=batch, training=True, **step)
                 count += 1
+            if not all(torch.isfinite(p).all() for p in self.module_.parameters()):
+                # the last step turned finite losses into inf/NaN weights
+                raise DivergenceError(len(history), count, float("nan"))
         except DivergenceError:
             self.module_.load_state_dict(snapshot)
             raise

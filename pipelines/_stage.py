@@ -85,6 +85,18 @@ def tracker_for(cfg: Config, stage: str, params: Optional[Dict[str, Any]] = None
                    uri=cfg.tracking.uri)
 
 
+def best_config(cfg: Config, best_file: Optional[str]) -> Config:
+    """``cfg`` with the search's best parameters applied (none when the file holds ``{}``)."""
+    if not best_file:
+        return cfg
+    from nnpipe.config import with_overrides
+
+    best = json.loads(Path(best_file).read_text())
+    if best:
+        print("[best params] " + ", ".join(f"{k}={v}" for k, v in best.items()))
+    return with_overrides(cfg, best)
+
+
 def _sigterm(signum, frame):
     raise SystemExit(143)
 

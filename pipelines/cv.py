@@ -14,11 +14,12 @@ import numpy as np
 from nnpipe.cv import cross_validate_model
 from nnpipe.data import read_dataset
 
-from ._stage import run, tracker_for
+from ._stage import best_config, run, tracker_for
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
+    parser.add_argument("--best", help="the search stage's best_params.json (may be {})")
     parser.add_argument("--metrics", required=True, help="JSON metrics file")
     parser.add_argument("--oof", required=True, help="out-of-fold predictions (.npz)")
     parser.add_argument("--table", required=True, help="per-fold metrics CSV (dvc plots)")
@@ -26,6 +27,7 @@ def _args(parser):
 
 def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
+    cfg = best_config(cfg, args.best)
     cv = cfg.cv.model_dump(exclude_unset=True)
     with tracker_for(cfg, "cv") as tracker:
         pipe = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise",

@@ -13,11 +13,12 @@ from nnpipe import save
 from nnpipe.data import read_dataset
 from nnpipe.plots import learning_curves, learning_curves_table
 
-from ._stage import run, tracker_for
+from ._stage import best_config, run, tracker_for
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
+    parser.add_argument("--best", help="the search stage's best_params.json (may be {})")
     parser.add_argument("--model", required=True, help="where to save the fitted pipeline")
     parser.add_argument("--metrics", required=True, help="JSON metrics file")
     parser.add_argument("--curves", required=True, help="learning curves CSV (dvc plots)")
@@ -37,6 +38,7 @@ def fit_pipeline(cfg, ds, tracker, **overrides):
 
 def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
+    cfg = best_config(cfg, args.best)
     with tracker_for(cfg, "train") as tracker:
         pipe, seconds = fit_pipeline(cfg, ds, tracker)
         net = pipe[-1]

@@ -17,6 +17,7 @@ TINY = {
     "augment": None,  # dvc.yaml tracks every section: an unused one stays, empty
     "model": {"module": "mlp", "module__hidden_sizes": [32]},
     "train": {"max_epochs": 3, "lr": 0.01, "random_state": 0, "verbose": 0},
+    "search": {"enabled": False},
     "cv": {"folds": 2, "random_state": 0},
     "evaluate": {"ece_bins": 15},
     "tracking": {"enabled": True, "experiment": "tiny"},

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 def test_repro_runs_every_stage_and_writes_the_declared_outputs(tiny_repo):
     repo, proc = tiny_repo
-    for stage in ("prepare", "train", "cv", "evaluate"):
+    for stage in ("prepare", "search", "train", "cv", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
+    assert json.loads((repo / "search/best_params.json").read_text()) == {}
     for out in ("data/prepared/train.npz", "models/model/model.json", "metrics/train.json",
                 "metrics/cv.json", "metrics/evaluate.json", "models/cv_oof.npz",
                 "plots/train/learning_curves.csv", "plots/train/learning_curves.png",
@@ -46,7 +47,7 @@ def test_second_repro_runs_nothing_and_an_evaluate_key_reruns_only_evaluate(tiny
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = sh("dvc repro", repo, env=env)
     assert "Running stage 'evaluate'" in changed.stdout
-    for stage in ("prepare", "train", "cv"):
+    for stage in ("prepare", "search", "train", "cv"):
         assert f"Running stage '{stage}'" not in changed.stdout
 
 
@@ -190,3 +191,37 @@ def test_mlflow_server_serves_the_pipeline_runs_and_model_over_rest(tiny_repo):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_enabling_the_search_feeds_its_best_params_to_train_and_cv(tiny_repo):
+    repo, _ = tiny_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["search"] = {"enabled": True, "n_trials": 3, "folds": 2, "random_state": 0,
+                        "space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.05,
+                                               "log": True}}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = sh("dvc repro", repo, env=stage_env(repo))
+    assert "Running stage 'prepare'" not in proc.stdout
+    for stage in ("search", "train", "cv", "evaluate"):
+        assert f"Running stage '{stage}'" in proc.stdout
+    best = json.loads((repo / "search/best_params.json").read_text())
+    assert set(best) == {"train.lr"}
+    assert f"[best params] train.lr={best['train.lr']}" in proc.stdout
+    trials = (repo / "search/results/trials.csv").read_text().splitlines()
+    assert len(trials) == 4 and trials[0].startswith("duration_s") or "number" in trials[0]
+    assert (repo / "search/results/plots/optimization_history.png").exists()
+    assert (repo / "search/journal/study.log").stat().st_size > 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("nnpipe.stage") == "search"
+              and "mlflow.parentRunId" not in r.data.tags][-1]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all("train.lr" in c.data.params for c in children)
+    # re-running resumes the study: the budget is already met, no new trial runs
+    params["search"]["n_trials"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = sh("dvc repro search", repo, env=stage_env(repo))
+    assert again.stdout.count("[search] trial") == 1

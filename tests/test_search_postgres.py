@@ -1,0 +1,64 @@
+"""Distributed search for real: several worker processes against the PostgreSQL server."""
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A fresh database on the server, so workers also race to create Optuna's tables."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    name = f"nnpipe_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = sqlalchemy.create_engine(PG, connect_args={"connect_timeout": 3},
+                                         isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no PostgreSQL server at {PG}: {exc}")
+    yield PG.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def test_workers_on_postgres_finish_exactly_the_budget_with_no_trial_lost(postgres, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from nnpipe.data import load_dataset, save_dataset
+
+    save_dataset(load_dataset("digits"), tmp_path / "data")
+    study_name = f"pg-{uuid.uuid4().hex[:8]}"
+    params = {
+        "model": {"module": "mlp", "module__hidden_sizes": [16]},
+        "train": {"max_epochs": 2, "random_state": 0, "verbose": 0, "train_split": None},
+        "search": {"enabled": True, "n_trials": 9, "folds": 2, "pruner": "none",
+                   "storage": postgres, "study_name": study_name,
+                   "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2,
+                                          "log": True}}},
+        "tracking": {"enabled": False},
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "pipelines.search", "--worker", "--params",
+           str(tmp_path / "p.yaml"), "--data", str(tmp_path / "data")]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(3)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    study = optuna.load_study(study_name=study_name, storage=postgres)
+    trials = study.get_trials()
+    assert len(trials) == 9
+    assert sorted(t.number for t in trials) == list(range(9))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    ran = sum(out.count("[search] trial") for out in outputs)
+    assert ran == 9  # every trial ran in exactly one worker
+    assert sum(1 for out in outputs if "[search] trial" in out) >= 2  # the work was shared
