@@ -60,6 +60,16 @@ def main() -> None:
         for name, seconds in stages.items():
             print(f"{name:10s} {seconds:8.1f}")
         print(f"{'total':10s} {total:8.1f}   (target <= 900 s on 2 cores)")
+        import json
+
+        ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
+        print(f"\ntest accuracy: single model {ev['accuracy']:.4f}", end="")
+        if "ensemble" in ev:
+            print(f", ensemble {ev['ensemble']['accuracy']:.4f}, mean member "
+                  f"{ev['mean_member']['accuracy']:.4f}; NLL ensemble {ev['ensemble']['nll']:.4f}"
+                  f" vs mean member {ev['mean_member']['nll']:.4f}")
+        cv = json.loads((repo / "metrics" / "cv.json").read_text())
+        print(f"cv accuracy {cv['mean']['accuracy']:.4f} +- {cv['std']['accuracy']:.4f}")
 
 
 if __name__ == "__main__":

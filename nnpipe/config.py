@@ -251,7 +251,7 @@ def validate_config(raw: Any, source: str = "params.yaml") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(source, [("", f"the file must be a mapping of sections "
                                         f"{list(SECTIONS)}, got {type(raw).__name__}")])
-    extra = {k: raw[k] for k in raw if k in ("search", "ensemble")}
+    extra = {k: raw[k] for k in raw if k in ("search", "ensemble")}  # checked below
     body = {k: v for k, v in raw.items() if k not in extra}
     try:
         root = _Root.model_validate(body)
@@ -274,6 +274,8 @@ def validate_config(raw: Any, source: str = "params.yaml") -> Config:
         _check_estimator_sections(cfg, problems)
     if not problems and "search" in raw:
         _check_search(raw, cfg, problems)
+    if not problems and "ensemble" in raw:
+        _check_ensemble(raw, cfg, problems)
     if problems:
         raise ConfigError(source, problems)
     return cfg
@@ -302,6 +304,52 @@ def _split_path(msg: str, default: str) -> Tuple[str, str]:
     head, sep = match.groups()
     rest = msg[match.end():].strip() if sep != "=" else msg
     return head, rest
+
+
+_ENSEMBLE_KEYS = ("enabled", "kind", "n_members", "combine", "validation_fraction", "temperature",
+                  "swa_start", "n_jobs", "backend", "random_state", "max_retries")
+
+
+def ensemble_kwargs(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``ensemble`` section as EnsembleClassifier / EnsembleRegressor keyword arguments."""
+    return {k: v for k, v in (raw.get("ensemble") or {}).items() if k != "enabled"}
+
+
+def _check_ensemble(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, str]]) -> None:
+    section = raw.get("ensemble") or {}
+    if not isinstance(section, dict):
+        problems.append(("ensemble", f"must be a mapping, got {section!r}"))
+        return
+    for key in section:
+        if key not in _ENSEMBLE_KEYS:
+            problems.append((f"ensemble.{key}", "unknown key." + (
+                did_you_mean(key, _ENSEMBLE_KEYS) or f" Allowed: {list(_ENSEMBLE_KEYS)}.")))
+    if problems or not section.get("enabled", False):
+        return
+    from .ensemble import EnsembleClassifier, EnsembleRegressor
+
+    cls = EnsembleRegressor if cfg.task == "regression" else EnsembleClassifier
+    kwargs = ensemble_kwargs(raw)
+    if kwargs.get("kind") == "topk":
+        search = raw.get("search") or {}
+        if not search.get("enabled"):
+            problems.append(("ensemble.kind", "'topk' needs a finished search: set "
+                                              "search.enabled: true"))
+            return
+        kwargs["configs"] = [{}]  # the real configurations come from the search's results
+    try:
+        ens = cls(**kwargs)
+        ens._check()
+        if ens.kind in ("snapshot", "checkpoints"):
+            epochs = cfg.train.get("max_epochs")
+            if epochs is not None and ens.n_members > epochs:
+                raise ValueError(f"ensemble.n_members: {ens.kind} with {ens.n_members} members "
+                                 f"needs max_epochs >= {ens.n_members}, got {epochs}.")
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        head = msg.split(" ", 1)[0].rstrip(":")
+        problems.append((head, msg.split(" ", 1)[1]) if head.startswith("ensemble.")
+                        else ("ensemble", msg))
 
 
 def with_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
@@ -348,4 +396,7 @@ def json_schema() -> Dict[str, Any]:
     search["description"] = "Optuna search (nnpipe.search.SearchSettings)"
     search["additionalProperties"] = False
     props["search"] = search
+    props["ensemble"] = {"type": ["object", "null"], "description": "nnpipe.ensemble (stage "
+                         "'ensemble')", "properties": {k: {} for k in _ENSEMBLE_KEYS},
+                         "additionalProperties": False}
     return schema

@@ -179,6 +179,8 @@ def save(estimator, directory: os.PathLike) -> Path:
 
     if isinstance(estimator, Pipeline):
         return _save_pipeline(estimator, Path(directory))
+    if hasattr(estimator, "members_"):
+        return _save_ensemble(estimator, Path(directory))
     check_is_fitted(estimator, "module_")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -253,6 +255,8 @@ def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device
     trusted = list(trusted or [])
     if manifest.get("class") == "Pipeline":
         return _load_pipeline(directory, manifest, trusted, device)
+    if manifest.get("class") in ("EnsembleClassifier", "EnsembleRegressor"):
+        return _load_ensemble(directory, manifest, trusted, device)
     classes = {"NNClassifier": estimators.NNClassifier, "NNRegressor": estimators.NNRegressor}
     if manifest.get("class") not in classes:
         raise ValueError(f"{directory / _MANIFEST}: class {manifest.get('class')!r} is not one of "
@@ -344,3 +348,75 @@ def _load_pipeline(directory: Path, manifest: Dict[str, Any], trusted, device):
     final = manifest.get("final") or {}
     estimator = load(_safe_name(directory, final.get("dir"), "estimator-"), trusted, device)
     return Pipeline(steps + [(final.get("name", "model"), estimator)])
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def _save_ensemble(ens, directory: Path) -> Path:
+    import shutil
+    import uuid
+
+    import skops.io as sio
+
+    directory.mkdir(parents=True, exist_ok=True)
+    params = {k: v for k, v in ens.get_params(deep=False).items()
+              if k not in ("estimator", "meta_estimator", "configs")}
+    tag = uuid.uuid4().hex[:8]
+    members = []
+    for i, member in enumerate(ens.members_):
+        name = f"member-{tag}-{i}"
+        save(member, directory / name)
+        members.append(name)
+    manifest: Dict[str, Any] = {
+        "format": "nnpipe", "format_version": FORMAT_VERSION, "class": type(ens).__name__,
+        "params": {k: _encode(k, v) for k, v in params.items()},
+        "members": members,
+        "fitted": json.loads(json.dumps({
+            "weights_": ens.weights_, "temperature_": getattr(ens, "temperature_", None),
+            "classes_": getattr(ens, "classes_", None), "n_features_in_": ens.n_features_in_,
+            "member_seeds_": ens.member_seeds_}, default=_json_default)),
+    }
+    if getattr(ens, "meta_", None) is not None:
+        blob = sio.dumps(ens.meta_)
+        digest = hashlib.sha256(blob).hexdigest()
+        name = f"meta-{digest[:16]}.skops"
+        atomic_write_bytes(directory / name, blob)
+        manifest["meta"] = {"file": name, "sha256": digest}
+    atomic_write_bytes(directory / _MANIFEST, json.dumps(manifest, indent=1).encode())
+    keep = set(members) | {manifest.get("meta", {}).get("file")}
+    for old in list(directory.glob("member-*")) + list(directory.glob("meta-*.skops")):
+        if old.name not in keep:
+            with _suppress():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return directory
+
+
+def _load_ensemble(directory: Path, manifest: Dict[str, Any], trusted, device):
+    import skops.io as sio
+
+    from . import ensemble
+
+    cls = getattr(ensemble, manifest["class"])
+    ens = cls(**_decode(manifest.get("params", {}), trusted))
+    ens.members_ = [load(_safe_name(directory, name, "member-"), trusted, device)
+                    for name in manifest.get("members", [])]
+    fitted = manifest.get("fitted", {})
+    ens.weights_ = np.asarray(fitted.get("weights_"), dtype=float)
+    ens.temperature_ = fitted.get("temperature_")
+    ens.n_features_in_ = fitted.get("n_features_in_")
+    ens.member_seeds_ = fitted.get("member_seeds_")
+    if fitted.get("classes_") is not None:
+        ens.classes_ = np.asarray(fitted["classes_"])
+    ens.meta_ = None
+    info = manifest.get("meta")
+    if info:
+        blob = _safe_name(directory, info.get("file"), "meta-").read_bytes()
+        if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
+            raise ValueError(f"{directory / info['file']} does not match its checksum.")
+        types = sio.get_untrusted_types(data=blob)
+        bad = [t for t in types if t.split(".")[0] not in _SAFE_PACKAGES]
+        if bad:
+            raise UntrustedTypeError(f"{directory / info['file']} contains untrusted types {bad}.")
+        ens.meta_ = sio.loads(blob, trusted=types)
+    return ens

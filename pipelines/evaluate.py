@@ -6,6 +6,8 @@ per-class report, a confusion matrix and a reliability diagram. Regression: R2, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nnpipe
 from nnpipe.data import read_dataset
 from nnpipe.metrics import classification_metrics, ece, per_class_report, regression_metrics
@@ -18,6 +20,7 @@ from ._stage import run, tracker_for
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--model", required=True, help="the train stage's model folder")
+    parser.add_argument("--ensemble", help="the ensemble stage's folder (reported when built)")
     parser.add_argument("--metrics", required=True, help="JSON metrics file")
     parser.add_argument("--plots", required=True, help="folder for plots and their CSV data")
 
@@ -25,6 +28,9 @@ def _args(parser):
 def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
     model = nnpipe.load(args.model)
+    ensemble = None
+    if args.ensemble and (Path(args.ensemble) / "model.json").exists():
+        ensemble = nnpipe.load(args.ensemble)
     ev = cfg.evaluate.model_dump(exclude_unset=True)
     plots = outputs.path(args.plots, is_dir=True)
     with tracker_for(cfg, "evaluate", params={"evaluate": cfg.raw.get("evaluate", {})}) as tracker:
@@ -40,15 +46,53 @@ def _body(args, cfg, outputs):
             save_calibration_csv(ds.y_test, proba, plots / "calibration.csv", labels=classes,
                                  **bins)
             confusion_matrix_plot(ds.y_test, pred, classes, plots / "confusion.png")
-            reliability_diagram(ds.y_test, proba, plots / "reliability.png", labels=classes,
+            curves = {"single model": proba}
+            result = {**metrics, "per_class": report}
+            if ensemble is not None:
+                result.update(_ensemble_report(ensemble, ds, classes, bins))
+                curves["ensemble"] = ensemble.predict_proba(ds.X_test)
+                curves[f"best single member ({result['best_single']['member']})"] = \
+                    ensemble.members_[result["best_single"]["member"]].predict_proba(ds.X_test)
+                tracker.log_metrics({f"ensemble_{k}": v for k, v in result["ensemble"].items()})
+            reliability_diagram(ds.y_test, curves, plots / "reliability.png", labels=classes,
                                 **bins)
-            outputs.json(args.metrics, {**metrics, "per_class": report})
+            outputs.json(args.metrics, result)
         else:
             metrics = regression_metrics(ds.y_test, model.predict(ds.X_test))
-            outputs.json(args.metrics, metrics)
+            result = dict(metrics)
+            if ensemble is not None:
+                members = [regression_metrics(ds.y_test, m.predict(ds.X_test))
+                           for m in ensemble.members_]
+                best = min(range(len(members)), key=lambda i: members[i]["rmse"])
+                result.update({"ensemble": regression_metrics(ds.y_test,
+                                                              ensemble.predict(ds.X_test)),
+                               "members": members,
+                               "best_single": {"member": best, **members[best]}})
+            outputs.json(args.metrics, result)
         tracker.log_metrics(metrics)
         tracker.log_artifacts(plots)
     print("[evaluate] " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if ensemble is not None and "ensemble" in result:
+        print("[evaluate] ensemble: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in result["ensemble"].items()))
+
+
+def _ensemble_report(ensemble, ds, classes, bins):
+    """Test metrics of the ensemble, of every member, and of the best single member (lowest
+    test NLL: a report, not a selection)."""
+    members = []
+    for member in ensemble.members_:
+        p = member.predict_proba(ds.X_test)
+        m = classification_metrics(ds.y_test, p, classes)
+        m["ece"] = ece(ds.y_test, p, labels=classes, **bins)
+        members.append(m)
+    p = ensemble.predict_proba(ds.X_test)
+    ens = classification_metrics(ds.y_test, p, classes)
+    ens["ece"] = ece(ds.y_test, p, labels=classes, **bins)
+    best = min(range(len(members)), key=lambda i: members[i]["nll"])
+    mean_member = {k: sum(m[k] for m in members) / len(members) for k in members[0]}
+    return {"ensemble": ens, "members": members, "mean_member": mean_member,
+            "best_single": {"member": best, **members[best]}}
 
 
 def main(argv=None):

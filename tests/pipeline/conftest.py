@@ -18,6 +18,7 @@ TINY = {
     "model": {"module": "mlp", "module__hidden_sizes": [32]},
     "train": {"max_epochs": 3, "lr": 0.01, "random_state": 0, "verbose": 0},
     "search": {"enabled": False},
+    "ensemble": {"enabled": True, "kind": "seeds", "n_members": 2, "n_jobs": 1},
     "cv": {"folds": 2, "random_state": 0},
     "evaluate": {"ece_bins": 15},
     "tracking": {"enabled": True, "experiment": "tiny"},
