@@ -4,9 +4,11 @@ Importing nnpipe has no side effects: no I/O, no tracking run, no logging config
 Optional heavy pieces (optuna, mlflow, dvc, kornia) are imported where they are used.
 """
 
+from .ensemble import EnsembleClassifier, EnsembleRegressor
 from .estimators import DivergenceError, NNClassifier, NNRegressor
 from .persist import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["NNClassifier", "NNRegressor", "DivergenceError", "save", "load", "__version__"]
+__all__ = ["NNClassifier", "NNRegressor", "EnsembleClassifier", "EnsembleRegressor",
+           "DivergenceError", "save", "load", "__version__"]

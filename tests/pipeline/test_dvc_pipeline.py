@@ -17,9 +17,13 @@ pytestmark = pytest.mark.slow
 
 def test_repro_runs_every_stage_and_writes_the_declared_outputs(tiny_repo):
     repo, proc = tiny_repo
-    for stage in ("prepare", "search", "train", "cv", "evaluate"):
+    for stage in ("prepare", "search", "train", "ensemble", "cv", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
     assert json.loads((repo / "search/best_params.json").read_text()) == {}
+    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert len(ev["members"]) == 2 and ev["best_single"]["member"] in (0, 1)
+    assert ev["ensemble"]["nll"] <= max(m["nll"] for m in ev["members"])
+    assert (repo / "models/ensemble/model.json").exists()
     for out in ("data/prepared/train.npz", "models/model/model.json", "metrics/train.json",
                 "metrics/cv.json", "metrics/evaluate.json", "models/cv_oof.npz",
                 "plots/train/learning_curves.csv", "plots/train/learning_curves.png",
@@ -47,7 +51,7 @@ def test_second_repro_runs_nothing_and_an_evaluate_key_reruns_only_evaluate(tiny
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = sh("dvc repro", repo, env=env)
     assert "Running stage 'evaluate'" in changed.stdout
-    for stage in ("prepare", "search", "train", "cv"):
+    for stage in ("prepare", "search", "train", "ensemble", "cv"):
         assert f"Running stage '{stage}'" not in changed.stdout
 
 
@@ -74,7 +78,10 @@ def test_mlflow_holds_one_run_per_stage_with_nested_folds_and_a_servable_model(t
     by_stage = {}
     for r in runs:
         by_stage.setdefault(r.data.tags.get("nnpipe.stage"), []).append(r)
-    assert {"prepare", "train", "cv", "evaluate"} <= set(by_stage)
+    assert {"prepare", "train", "ensemble", "cv", "evaluate"} <= set(by_stage)
+    ens_parent = [r for r in by_stage["ensemble"] if "mlflow.parentRunId" not in r.data.tags][0]
+    assert len([r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == ens_parent.info.run_id]) == 2
     train = by_stage["train"][0]
     assert train.data.params["train.lr"] == "0.01"
     assert train.data.tags.get("mlflow.source.git.commit")
