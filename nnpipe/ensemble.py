@@ -48,6 +48,22 @@ def _fit_member(est, X, y, seed: int, threads: int):
     return est.fit(X, y), seed
 
 
+def _fit_with_retry(est, X, y, seed, threads, spare_seed, max_retries):
+    """Fit a member; a diverging one is retried with a new seed, then the fit fails loudly."""
+    from .estimators import DivergenceError
+
+    attempts = []
+    for attempt in range(max_retries + 1):
+        try:
+            return _fit_member(est, X, y, seed, threads)
+        except DivergenceError as exc:
+            attempts.append(f"seed {seed}: {exc}")
+            seed = spare_seed + 1000 * (attempt + 1)
+            est.set_params(**{_prefix(est) + "random_state": seed})
+    raise RuntimeError("ensemble member diverged and was not dropped from the average: "
+                       + " | ".join(attempts) + ". Lower lr or set clip_grad_norm.")
+
+
 class _Snapshots:
     """skorch callback keeping copies of the module's weights at chosen epochs."""
 
@@ -157,7 +173,7 @@ class _BaseEnsemble(BaseEstimator):
 
     def _independent(self, X, y):
         """seeds / topk / bagging: independent runs, in parallel."""
-        from joblib import Parallel, delayed, parallel_config
+        from joblib import Parallel, delayed
 
         base, seed0 = self._base(), int(self.random_state or 0)
         rng = np.random.RandomState(seed0)
@@ -172,26 +188,20 @@ class _BaseEnsemble(BaseEstimator):
             jobs.append((est, rows, seed0 + i))
         n_jobs = self.n_jobs or 1
         threads = 1 if n_jobs != 1 else torch.get_num_threads()
-        with parallel_config(backend=self.backend or "loky"):
-            results = Parallel(n_jobs=n_jobs)(
-                delayed(self._fit_with_retry)(est, X[rows], y[rows], seed, threads, n + i)
-                for i, (est, rows, seed) in enumerate(jobs))
+        from joblib import parallel_config
+
+        tasks = (delayed(_fit_with_retry)(est, X[rows], y[rows], seed, threads, n + i,
+                                          self.max_retries)
+                 for i, (est, rows, seed) in enumerate(jobs))
+        # the dask backend registers itself through parallel_config; the others are passed to
+        # Parallel directly so that joblib reuses its warm worker processes between ensembles
+        if self.backend == "dask":
+            with parallel_config(backend="dask"):
+                results = Parallel(n_jobs=n_jobs)(tasks)
+        else:
+            results = Parallel(n_jobs=n_jobs, backend=self.backend)(tasks)
         self.members_ = [m for m, _ in results]
         self.member_seeds_ = [s for _, s in results]
-
-    def _fit_with_retry(self, est, X, y, seed, threads, spare_seed):
-        from .estimators import DivergenceError
-
-        attempts = []
-        for attempt in range(self.max_retries + 1):
-            try:
-                return _fit_member(est, X, y, seed, threads)
-            except DivergenceError as exc:
-                attempts.append(f"seed {seed}: {exc}")
-                seed = spare_seed + 1000 * (attempt + 1)
-                est.set_params(**{_prefix(est) + "random_state": seed})
-        raise RuntimeError("ensemble member diverged and was not dropped from the average: "
-                           + " | ".join(attempts) + ". Lower lr or set clip_grad_norm.")
 
     def _single_run(self, X, y):
         """snapshot / checkpoints / swa: members from one training run."""
@@ -222,7 +232,8 @@ class _BaseEnsemble(BaseEstimator):
         base.set_params(**{p + "callbacks": callbacks})
         seed = int(self.random_state or 0)
         base.set_params(**{p + "random_state": _net(base).random_state or seed})
-        fitted = self._fit_with_retry(base, X, y, seed, torch.get_num_threads(), seed + 1)[0]
+        fitted = _fit_with_retry(base, X, y, seed, torch.get_num_threads(), seed + 1,
+                                 self.max_retries)[0]
         fnet = _net(fitted)
         state = dict(fnet.callbacks_)[cb[0]]
         if self.kind == "swa":

@@ -612,8 +612,9 @@ def run_search(raw: Dict[str, Any], X, y, task: str, input_shape=None, *,
                settings: Optional[SearchSettings] = None, journal: os.PathLike = "search.journal"):
     """Run (or resume) the study declared in ``raw["search"]`` on ``(X, y)``; return it.
 
-    ``n_jobs > 1`` starts that many worker processes against the same storage, each with
-    ``cpu_count // n_jobs`` torch threads so they do not oversubscribe the cores.
+    ``n_jobs > 1`` runs that many workers against the same storage (this process and
+    ``n_jobs - 1`` spawned ones), each with ``cpu_count // n_jobs`` torch threads so they do not
+    oversubscribe the cores.
     """
     settings = settings or SearchSettings.from_section(raw.get("search"), task)
     validate_space(raw, settings)
@@ -625,11 +626,24 @@ def run_search(raw: Dict[str, Any], X, y, task: str, input_shape=None, *,
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    import torch
+
     threads = max(1, (os.cpu_count() or 1) // settings.n_jobs)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(settings.n_jobs, mp_context=ctx) as pool:
+    # n_jobs - 1 spawned workers, and one in this process: it starts at once, hiding the
+    # others' start-up (importing torch & co. takes seconds)
+    previous = torch.get_num_threads()
+    with ProcessPoolExecutor(settings.n_jobs - 1, mp_context=ctx) as pool:
         futures = [pool.submit(_worker, raw, (X, y, task, input_shape), settings.to_dict(),
-                               os.fspath(journal), w, threads) for w in range(settings.n_jobs)]
+                               os.fspath(journal), w, threads)
+                   for w in range(1, settings.n_jobs)]
+        try:
+            torch.set_num_threads(threads)
+            optimize(make_study(settings, journal, 0),
+                     make_objective(raw, X, y, task, input_shape, settings), settings, journal,
+                     _print_trial)
+        finally:
+            torch.set_num_threads(previous)
         for f in futures:
             f.result()
     return make_study(settings, journal)
