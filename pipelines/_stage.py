@@ -85,6 +85,16 @@ def tracker_for(cfg: Config, stage: str, params: Optional[Dict[str, Any]] = None
                    uri=cfg.tracking.uri)
 
 
+_EPOCH_METRICS = ("train_loss", "valid_loss", "valid_acc", "lr")
+
+
+def log_history(tracker, history) -> None:
+    """Log a fitted net's per-epoch metrics to ``tracker`` with the epoch as the step."""
+    for row in history.to_list():
+        tracker.log_metrics({k: float(v) for k, v in row.items() if k in _EPOCH_METRICS},
+                            step=int(row["epoch"]))
+
+
 def best_config(cfg: Config, best_file: Optional[str]) -> Config:
     """``cfg`` with the search's best parameters applied (none when the file holds ``{}``)."""
     if not best_file:

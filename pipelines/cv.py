@@ -14,7 +14,7 @@ import numpy as np
 from nnpipe.cv import cross_validate_model
 from nnpipe.data import read_dataset
 
-from ._stage import best_config, run, tracker_for
+from ._stage import best_config, log_history, run, tracker_for
 
 
 def _args(parser):
@@ -35,11 +35,7 @@ def _body(args, cfg, outputs):
 
         def on_fold(i, model, metrics):
             with tracker.child(f"fold-{i}", params={"fold": i}) as child:
-                net = model[-1]
-                for row in net.history.to_list():
-                    child.log_metrics({k: float(v) for k, v in row.items()
-                                       if k in ("train_loss", "valid_loss", "valid_acc")},
-                                      step=int(row["epoch"]))
+                log_history(child, model[-1].history)
                 child.log_metrics(metrics)
             print(f"[cv] fold {i}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 

@@ -15,7 +15,7 @@ from nnpipe import save
 from nnpipe.config import ensemble_kwargs
 from nnpipe.data import read_dataset
 
-from ._stage import best_config, run, tracker_for
+from ._stage import best_config, log_history, run, tracker_for
 
 
 def _args(parser):
@@ -64,10 +64,7 @@ def _body(args, cfg, outputs):
             if trial_numbers:
                 tags["trial"] = trial_numbers[i]
             with tracker.child(f"member-{i}", params=tags) as child:
-                for row in member[-1].history.to_list():
-                    child.log_metrics({k: float(v) for k, v in row.items()
-                                       if k in ("train_loss", "valid_loss", "valid_acc", "lr")},
-                                      step=int(row["epoch"]))
+                log_history(child, member[-1].history)
         save(ens, out)
         tracker.log_metrics({"n_members": len(ens.members_)})
     print(f"[ensemble] {len(ens.members_)} members ({ens.kind}, {ens.combine}); weights "

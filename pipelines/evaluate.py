@@ -39,8 +39,7 @@ def _body(args, cfg, outputs):
             classes = list(model.classes_)
             pred = model.predict(ds.X_test)
             bins = {"n_bins": ev["ece_bins"]} if "ece_bins" in ev else {}
-            metrics = classification_metrics(ds.y_test, proba, classes)
-            metrics["ece"] = ece(ds.y_test, proba, labels=classes, **bins)
+            metrics = _metrics(ds.y_test, proba, classes, bins)
             report = per_class_report(ds.y_test, pred, classes)
             save_confusion_csv(ds.y_test, pred, plots / "confusion.csv")
             save_calibration_csv(ds.y_test, proba, plots / "calibration.csv", labels=classes,
@@ -77,18 +76,20 @@ def _body(args, cfg, outputs):
             f"{k}={v:.4f}" for k, v in result["ensemble"].items()))
 
 
+def _metrics(y, proba, classes, bins):
+    """classification_metrics, with ECE over ``evaluate.ece_bins`` bins when set."""
+    metrics = classification_metrics(y, proba, classes)
+    if bins:
+        metrics["ece"] = ece(y, proba, labels=classes, **bins)
+    return metrics
+
+
 def _ensemble_report(ensemble, ds, classes, bins):
     """Test metrics of the ensemble, of every member, and of the best single member (lowest
     test NLL: a report, not a selection)."""
-    members = []
-    for member in ensemble.members_:
-        p = member.predict_proba(ds.X_test)
-        m = classification_metrics(ds.y_test, p, classes)
-        m["ece"] = ece(ds.y_test, p, labels=classes, **bins)
-        members.append(m)
-    p = ensemble.predict_proba(ds.X_test)
-    ens = classification_metrics(ds.y_test, p, classes)
-    ens["ece"] = ece(ds.y_test, p, labels=classes, **bins)
+    members = [_metrics(ds.y_test, m.predict_proba(ds.X_test), classes, bins)
+               for m in ensemble.members_]
+    ens = _metrics(ds.y_test, ensemble.predict_proba(ds.X_test), classes, bins)
     best = min(range(len(members)), key=lambda i: members[i]["nll"])
     mean_member = {k: sum(m[k] for m in members) / len(members) for k in members[0]}
     return {"ensemble": ens, "members": members, "mean_member": mean_member,
