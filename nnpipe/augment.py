@@ -483,8 +483,10 @@ TTA_VIEWS = {"identity": lambda x: x, "hflip": lambda x: x.flip(-1), "vflip": la
 def tta_views(views: Sequence[str], shape: Tuple[int, ...]):
     """Resolve deterministic test-time views by name; flips need images."""
     resolved = []
+    if not isinstance(views, (list, tuple)):
+        raise invalid_value("tta", views, f"a list of {sorted(TTA_VIEWS)}")
     for view in views:
-        if view not in TTA_VIEWS:
+        if not isinstance(view, str) or view not in TTA_VIEWS:
             raise invalid_value("tta", view, f"a list of {sorted(TTA_VIEWS)}")
         if view != "identity" and (shape is None or len(shape) != 3):
             raise ValueError(f"tta view {view!r} flips images and needs input_shape=(C, H, W), "

@@ -8,12 +8,14 @@ Most are built for you from the estimators' top-level knobs (``max_norm``, ``cli
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Any, Dict, Optional
 
 import torch
 from skorch.callbacks import Callback, EarlyStopping
 from torch import nn
 
+from ._registry import invalid_value
 from .schedules import ScheduleContext, make_schedule
 
 __all__ = ["MaxNorm", "GradientValueClipping", "LRSchedule", "NNEarlyStopping"]
@@ -53,6 +55,23 @@ class GradientValueClipping(Callback):
         torch.nn.utils.clip_grad_value_((p for _, p in named_parameters), self.clip_value)
 
 
+def json_safe(value: Any, what: str) -> Any:
+    """``value`` with numpy / torch scalars and arrays as plain numbers and lists; anything else
+    that JSON cannot hold raises ``TypeError`` naming ``what``."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v, what) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, what) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy scalars and arrays
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{what}: cannot checkpoint a {type(value).__name__} ({value!r}); a "
+                    "training checkpoint holds numbers, text, lists and tensors only.")
+
+
 class LRSchedule(Callback):
     """Drive the optimizer's learning rate with a schedule from :mod:`nnpipe.schedules`.
 
@@ -70,13 +89,32 @@ class LRSchedule(Callback):
         self.scheduler_ = None
         self.step_every_ = None
 
+    # --- exact resume (nnpipe.checkpoint): the scheduler's position goes with the checkpoint
+
+    def training_state(self):
+        """``(json-able dict, tensors)`` to resume this schedule where it is, or None."""
+        if self.scheduler_ is None:
+            return None
+        state = {k: v for k, v in self.scheduler_.state_dict().items() if k != "optimizer"}
+        return {"scheduler": json_safe(state, "lr_schedule")}, {}
+
+    def resume_from(self, meta, tensors):
+        self.resume_ = meta
+
     def on_epoch_begin(self, net, dataset_train=None, **kwargs):
         if self.scheduler_ is None:
             batch_size = net.batch_size if net.batch_size > 0 else len(dataset_train)
             steps = max(1, math.ceil(len(dataset_train) / batch_size))
             ctx = ScheduleContext(max_epochs=int(net.max_epochs), steps_per_epoch=steps)
+            groups = net.optimizer_.param_groups
+            resumed = [dict(g) for g in groups]  # building a scheduler resets the groups' lr
             self.scheduler_, self.step_every_ = make_schedule(
                 self.schedule, net.optimizer_, ctx, **dict(self.params or {}))
+            resume, self.resume_ = getattr(self, "resume_", None), None
+            if resume is not None:
+                self.scheduler_.load_state_dict(resume["scheduler"])
+                for group, saved in zip(groups, resumed):
+                    group.update({k: v for k, v in saved.items() if k != "params"})
         net.history.record("lr", net.optimizer_.param_groups[0]["lr"])
 
     def on_batch_end(self, net, training=False, **kwargs):
@@ -109,6 +147,17 @@ class NNEarlyStopping(EarlyStopping):
 
     def __init__(self, monitor="valid_loss", patience=5, threshold=1e-4, threshold_mode="rel",
                  lower_is_better=None, sink=print, load_best=True):
+        # skorch compares these only at the end of each epoch: a wrong type would fail there
+        if not isinstance(patience, Integral) or isinstance(patience, bool) or patience < 1:
+            raise invalid_value("patience", patience, "an int >= 1 (epochs without improvement)")
+        if not (isinstance(threshold, Real) and not isinstance(threshold, bool)
+                and math.isfinite(threshold) and threshold >= 0):
+            raise invalid_value("threshold", threshold, "a finite number >= 0")
+        if threshold_mode not in ("rel", "abs"):
+            raise invalid_value("threshold_mode", threshold_mode, "'rel' or 'abs'")
+        if not isinstance(monitor, str):
+            raise invalid_value("monitor", monitor, "the name of a history column, e.g. "
+                                "'valid_loss' or 'valid_acc'")
         if lower_is_better is None:
             lower_is_better = not any(s in str(monitor) for s in ("acc", "score", "r2", "auc"))
         super().__init__(monitor=monitor, patience=patience, threshold=threshold,
@@ -118,6 +167,24 @@ class NNEarlyStopping(EarlyStopping):
     def on_train_begin(self, net, **kwargs):
         super().on_train_begin(net, **kwargs)
         self.stopped_ = False
+        resume, self.resume_ = getattr(self, "resume_", None), None
+        if resume is not None:  # exact resume (nnpipe.checkpoint): where the patience stood
+            meta, tensors = resume
+            self.misses_, self.best_epoch_ = int(meta["misses_"]), int(meta["best_epoch_"])
+            self.dynamic_threshold_ = float(meta["dynamic_threshold_"])
+            if tensors:
+                self.best_model_weights_ = {k: v.to(net.device) for k, v in tensors.items()}
+
+    def training_state(self):
+        """``(json-able dict, tensors)`` to resume early stopping where it stands."""
+        if not hasattr(self, "misses_"):
+            return None
+        meta = {"misses_": int(self.misses_), "best_epoch_": int(self.best_epoch_),
+                "dynamic_threshold_": float(self.dynamic_threshold_)}
+        return meta, dict(self.best_model_weights_ or {})
+
+    def resume_from(self, meta, tensors):
+        self.resume_ = (meta, tensors)
 
     def on_epoch_end(self, net, **kwargs):
         if self.monitor not in net.history[-1]:

@@ -14,8 +14,11 @@ Every problem is reported at once, each naming its key path, the value and what 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
@@ -56,6 +59,7 @@ class DataSection(_Section):
     stratify: Optional[bool] = None
     image_size: Optional[Tuple[int, int]] = None
     grayscale: Optional[bool] = None
+    label_fraction: Optional[float] = Field(None, gt=0, le=1)
 
 
 class CVSection(_Section):
@@ -67,10 +71,22 @@ class CVSection(_Section):
     random_state: Optional[int] = None
 
 
+class PruneSection(_Section):
+    """Magnitude pruning reported by the evaluate stage (:func:`nnpipe.sparsity.prune`); the
+    defaults live in ``prune``'s signature."""
+
+    sparsity: float = Field(..., ge=0, lt=1)
+    scope: Optional[Literal["global", "layer"]] = None
+    fine_tune_epochs: Optional[int] = Field(None, ge=0)
+    fine_tune_lr: Optional[float] = Field(None, gt=0)
+
+
 class EvaluateSection(_Section):
     """Test-set evaluation."""
 
     ece_bins: Optional[int] = Field(None, ge=2, le=100)
+    prune: Optional[PruneSection] = None
+    fold_batchnorm: bool = False
 
 
 class TrackingSection(_Section):
@@ -79,6 +95,32 @@ class TrackingSection(_Section):
     enabled: bool = True
     experiment: Optional[str] = None
     uri: Optional[str] = None
+
+
+class PretrainSection(_Section):
+    """Unsupervised pretraining (:mod:`nnpipe.pretrain`): the ``pretrain`` stage fits a
+    ``Pretrainer`` with ``model``'s architecture on every training row, labeled or not; ``train``
+    then starts from its encoder. Keys left out take the library's defaults: the Pretrainer's
+    for pretraining, :func:`nnpipe.pretrain.fine_tune_params`' for ``freeze``,
+    ``unfreeze_after`` and ``lr_multiplier`` (the reused layers' lr factor in ``train``)."""
+
+    enabled: bool = False
+    noise: Optional[Literal["gaussian", "mask"]] = None
+    noise_level: Optional[float] = Field(None, gt=0)
+    max_epochs: Optional[int] = Field(None, ge=1)
+    lr: Optional[float] = Field(None, gt=0)
+    batch_size: Optional[int] = None
+    optimizer: Optional[str] = None
+    lr_schedule: Optional[str] = None
+    l2: Optional[float] = Field(None, ge=0)
+    train_split: Optional[float] = Field(None, gt=0, lt=1)
+    random_state: Optional[int] = None
+    freeze: Optional[bool] = None
+    unfreeze_after: Optional[int] = Field(None, ge=0)
+    lr_multiplier: Optional[float] = Field(None, ge=0)
+
+
+_FINE_TUNE_KEYS = ("freeze", "unfreeze_after", "lr_multiplier")
 
 
 class _Root(_Section):
@@ -90,6 +132,7 @@ class _Root(_Section):
     cv: CVSection = CVSection()
     evaluate: EvaluateSection = EvaluateSection()
     tracking: TrackingSection = TrackingSection()
+    pretrain: Optional[PretrainSection] = None
 
 
 SECTIONS = tuple(_Root.model_fields)
@@ -134,6 +177,7 @@ class Config:
     tracking: TrackingSection
     extra: Dict[str, Any] = field(default_factory=dict)
     search: Any = None  # nnpipe.search.SearchSettings when params.yaml has a search section
+    pretrain: Optional[PretrainSection] = None
 
     @property
     def task(self) -> Optional[str]:
@@ -162,6 +206,26 @@ class Config:
         cls = _estimator_class(task or self.task)
         return cls(**{**self.estimator_params(input_shape), **overrides})
 
+    @property
+    def pretrain_enabled(self) -> bool:
+        return self.pretrain is not None and self.pretrain.enabled
+
+    def build_pretrainer(self, input_shape=None, **overrides):
+        """A ``Pretrainer`` with ``model``'s architecture and ``pretrain``'s training keys."""
+        from .pretrain import Pretrainer
+
+        arch = {k: v for k, v in self.estimator_params(input_shape).items()
+                if k in MODEL_KEYS or k.startswith(_MODEL_PREFIXES)}
+        section = {} if self.pretrain is None else self.pretrain.model_dump(
+            exclude_none=True, exclude={"enabled", *_FINE_TUNE_KEYS})
+        return Pretrainer(**{**arch, **section, **overrides})
+
+    def fine_tune_kwargs(self) -> Dict[str, Any]:
+        """``pretrain``'s fine-tuning keys for :func:`nnpipe.pretrain.fine_tune_params`."""
+        if self.pretrain is None:
+            return {}
+        return self.pretrain.model_dump(exclude_none=True, include=set(_FINE_TUNE_KEYS))
+
     def build_preprocessing(self) -> list:
         """The ``preprocess`` steps as ``(name, transformer)`` pairs."""
         from .preprocessing import make_preprocessor
@@ -180,11 +244,17 @@ class Config:
         return Pipeline(self.build_preprocessing() + [("model", est)])
 
 
+def _key(key: Any) -> str:
+    """A key as a path component; an empty one or one with outer spaces is quoted."""
+    key = str(key)
+    return key if key and key.strip() == key else repr(key)
+
+
 def _pydantic_problems(exc: ValidationError, fields_of) -> List[Tuple[str, str]]:
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        path = ".".join(loc)
+        path = ".".join(_key(p) for p in loc)
         value = err.get("input")
         if err["type"] == "extra_forbidden":
             parent = fields_of(loc[:-1])
@@ -200,7 +270,10 @@ def _fields_of(loc: List[str]) -> List[str]:
         return list(_Root.model_fields)
     model = _Root.model_fields.get(loc[0])
     ann = getattr(model, "annotation", None)
-    return list(getattr(ann, "model_fields", {})) if ann is not None else []
+    for candidate in (ann, *typing.get_args(ann)):  # Optional[Section] too
+        if hasattr(candidate, "model_fields"):
+            return list(candidate.model_fields)
+    return []
 
 
 def _check_estimator_sections(cfg: Config, problems: List[Tuple[str, str]]) -> None:
@@ -209,7 +282,7 @@ def _check_estimator_sections(cfg: Config, problems: List[Tuple[str, str]]) -> N
         for key in getattr(cfg, section):
             routed = key.startswith(_ROUTED)
             if not routed and key not in keys:
-                problems.append((f"{section}.{key}", "unknown key." + (
+                problems.append((f"{section}.{_key(key)}", "unknown key." + (
                     did_you_mean(key, keys) or f" Allowed: {sorted(keys)}.")))
                 continue
             in_model = key in MODEL_KEYS or key.startswith(_MODEL_PREFIXES)
@@ -227,10 +300,48 @@ def _check_estimator_sections(cfg: Config, problems: List[Tuple[str, str]]) -> N
     overrides = {} if shape is not None else {"augment": None, "tta": None}
     try:
         est = cfg.build_estimator(input_shape=shape, **overrides)
-        n_features = math.prod(est.input_shape) if est.input_shape is not None else None
+        try:
+            n_features = math.prod(est.input_shape) if est.input_shape is not None else None
+        except TypeError:
+            n_features = None  # validate_params says what is wrong with input_shape
         est.validate_params(n_features=n_features)
     except ValueError as exc:
         problems.append(_locate(str(exc), cfg))
+
+
+def _check_pretrain(cfg: Config, problems: List[Tuple[str, str]]) -> None:
+    pre = cfg.pretrain
+    if pre is None or not pre.enabled:
+        return
+    why = "conflicts with pretrain.enabled, which sets it for the reused layers; remove one"
+    for key in ("transfer_from", "transfer_layers"):
+        if key in cfg.train:
+            problems.append((f"train.{key}", "conflicts with pretrain.enabled: train starts "
+                                             "from the pretrain stage's encoder; remove it"))
+    for ours, theirs in (("freeze", "freeze"), ("unfreeze_after", "unfreeze_after"),
+                         ("lr_multiplier", "lr_multipliers")):
+        if getattr(pre, ours) not in (None, False) and theirs in cfg.train:
+            problems.append((f"train.{theirs}", f"{why} (pretrain.{ours})"))
+    if pre.unfreeze_after is not None and not pre.freeze:
+        problems.append(("pretrain.unfreeze_after", "needs pretrain.freeze: true (only frozen "
+                                                    "layers can be unfrozen)"))
+    if pre.noise_level is not None and pre.noise is None:
+        problems.append(("pretrain.noise_level", "has no effect without pretrain.noise "
+                                                 "('gaussian' or 'mask')"))
+    if problems:
+        return
+    shape = cfg.model.get("input_shape")
+    if shape is None and cfg.data.source in (None, "digits"):
+        shape = (1, 8, 8)
+    try:
+        est = cfg.build_pretrainer(input_shape=shape)
+        est.validate_params(n_features=math.prod(est.input_shape) if est.input_shape else None)
+    except ValueError as exc:
+        msg = str(exc)
+        head = msg.split(" ", 1)[0].rstrip(":")
+        fields = set(PretrainSection.model_fields)
+        problems.append((f"pretrain.{head}", msg.split(" ", 1)[1]) if head in fields
+                        else ("pretrain", msg))
 
 
 def _locate(message: str, cfg: Config) -> Tuple[str, str]:
@@ -244,6 +355,29 @@ def _locate(message: str, cfg: Config) -> Tuple[str, str]:
     return "model/train", message
 
 
+def _malformed(value: Any, path: str = "") -> List[Tuple[str, str]]:
+    """Problems no schema check should meet: keys that are not text (YAML reads ``1:``,
+    ``null:``, ``true:`` as an int, None, a bool) and integers beyond the float range (YAML
+    reads ``1000...000`` as one; comparing it with a float raises ``OverflowError``)."""
+    if isinstance(value, dict):
+        problems = []
+        for k, v in value.items():
+            where = f"{path}.{_key(k)}" if path else _key(k)
+            if not isinstance(k, str):
+                problems.append((where, f"keys must be text, got {k!r} ({type(k).__name__}); "
+                                        "quote it if it is meant as a name"))
+            else:
+                problems += _malformed(v, where)
+        return problems
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _malformed(v, f"{path}[{i}]")]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        return [(path, f"must be a number within the float range (|x| <= "
+                       f"{sys.float_info.max:.4g}), got an integer of {len(str(abs(value)))} "
+                       "digits")]
+    return []
+
+
 def validate_config(raw: Any, source: str = "params.yaml") -> Config:
     """Validate a parsed params mapping; raise :class:`ConfigError` listing every problem."""
     if raw is None:
@@ -251,6 +385,9 @@ def validate_config(raw: Any, source: str = "params.yaml") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(source, [("", f"the file must be a mapping of sections "
                                         f"{list(SECTIONS)}, got {type(raw).__name__}")])
+    malformed = _malformed(raw)
+    if malformed:
+        raise ConfigError(source, malformed)
     extra = {k: raw[k] for k in raw if k in ("search", "ensemble")}  # checked below
     body = {k: v for k, v in raw.items() if k not in extra}
     try:
@@ -258,32 +395,83 @@ def validate_config(raw: Any, source: str = "params.yaml") -> Config:
     except ValidationError as exc:
         raise ConfigError(source, _pydantic_problems(exc, _fields_of)) from None
     cfg = Config(source, raw, root.data, root.preprocess, root.augment, dict(root.model),
-                 dict(root.train), root.cv, root.evaluate, root.tracking, extra)
+                 dict(root.train), root.cv, root.evaluate, root.tracking, extra,
+                 pretrain=root.pretrain)
     problems: List[Tuple[str, str]] = []
+    stage = "preprocess"
     try:
-        cfg.build_preprocessing()
-    except ValueError as exc:
-        problems.append(("preprocess", str(exc)))
-    if cfg.augment is not None:
-        try:
-            from .augment import Augmenter
-            Augmenter.from_config(cfg.augment)
-        except ValueError as exc:
-            problems.append(("augment", str(exc)))
-    if not problems:
-        _check_estimator_sections(cfg, problems)
-    if not problems and "search" in raw:
-        _check_search(raw, cfg, problems)
-    if not problems and "ensemble" in raw:
-        _check_ensemble(raw, cfg, problems)
+        _check_preprocess(cfg, problems)
+        stage = "augment"
+        if cfg.augment is not None:
+            try:
+                from .augment import Augmenter
+                Augmenter.from_config(cfg.augment)
+            except ValueError as exc:
+                problems.append(("augment", str(exc)))
+        stage = "model/train"
+        if not problems:
+            _check_estimator_sections(cfg, problems)
+        stage = "pretrain"
+        if not problems:
+            _check_pretrain(cfg, problems)
+        stage = "search"
+        if not problems and "search" in raw:
+            _check_search(raw, cfg, problems)
+        stage = "ensemble"
+        if not problems and "ensemble" in raw:
+            _check_ensemble(raw, cfg, problems)
+    except (TypeError, AttributeError, LookupError, ArithmeticError, StopIteration) as exc:
+        # a value of a form no check foresaw: still a ConfigError naming the section, never a
+        # traceback (``__cause__`` keeps the original; the fuzz tests treat this as a bug)
+        raise ConfigError(source, problems + [(stage, f"a value has a type or form that could "
+                                                      f"not be checked: {type(exc).__name__}: "
+                                                      f"{exc}")]) from exc
     if problems:
         raise ConfigError(source, problems)
     return cfg
 
 
+def _check_preprocess(cfg: Config, problems: List[Tuple[str, str]]) -> None:
+    for i, step in enumerate(cfg.preprocess):
+        if isinstance(step, dict) and len(step) != 1:
+            problems.append((f"preprocess[{i}]", "each step must be a name or a mapping with one "
+                                                 f"name: {{name: {{param: value}}}}, got {step!r}"))
+    if problems:
+        return
+    try:
+        cfg.build_preprocessing()
+    except ValueError as exc:
+        problems.append(("preprocess", str(exc)))
+
+
+@functools.lru_cache(maxsize=1)
+def _search_types():
+    """A strict pydantic model of SearchSettings' field types (no defaults restated: a key left
+    out is not checked here, and SearchSettings keeps the defaults)."""
+    import typing
+
+    from pydantic import create_model
+
+    from .search import SearchSettings
+
+    hints = typing.get_type_hints(SearchSettings)
+    return create_model("search", __config__=ConfigDict(strict=True, extra="ignore"),
+                        **{k: (t, None) for k, t in hints.items()})
+
+
 def _check_search(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, str]]) -> None:
     from .search import SearchSettings, validate_space
 
+    section = raw.get("search")
+    if section is not None and not isinstance(section, dict):
+        problems.append(("search", f"must be a mapping of search settings, got {section!r}"))
+        return
+    try:
+        _search_types().model_validate(section or {})
+    except ValidationError as exc:
+        problems.extend(("search." + ".".join(str(p) for p in err["loc"]),
+                         f"{err['msg'].lower()}, got {err.get('input')!r}") for err in exc.errors())
+        return
     try:
         task = cfg.task or ("classification" if cfg.data.source in (None, "digits") else None)
         settings = SearchSettings.from_section(raw.get("search"), task)
@@ -320,9 +508,12 @@ def _check_ensemble(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, 
     if not isinstance(section, dict):
         problems.append(("ensemble", f"must be a mapping, got {section!r}"))
         return
+    if not isinstance(section.get("enabled", False), bool):
+        problems.append(("ensemble.enabled", f"must be true or false, got "
+                                             f"{section['enabled']!r}"))
     for key in section:
         if key not in _ENSEMBLE_KEYS:
-            problems.append((f"ensemble.{key}", "unknown key." + (
+            problems.append((f"ensemble.{_key(key)}", "unknown key." + (
                 did_you_mean(key, _ENSEMBLE_KEYS) or f" Allowed: {list(_ENSEMBLE_KEYS)}.")))
     if problems or not section.get("enabled", False):
         return
@@ -367,9 +558,13 @@ def load_config(path: Union[str, Path] = "params.yaml") -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such params file.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open("rb") as fh:  # bytes: YAML finds the encoding and rejects bad characters
+            raw = yaml.safe_load(fh)
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("", f"not valid YAML: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError(str(path), [("", "not valid YAML here: nested deeper than the parser "
+                                           "can follow")]) from None
     return validate_config(raw, str(path))
 
 

@@ -36,7 +36,8 @@ class Dataset:
     ``X_*`` are float32 ``(n, n_features)``; ``y_*`` hold labels (classification) or float
     targets (regression); ``input_shape`` is the per-sample shape before flattening (``None``
     for tabular data); ``classes`` are the sorted labels (``None`` for regression);
-    ``feature_names`` are the csv feature columns (``None`` otherwise).
+    ``feature_names`` are the csv feature columns (``None`` otherwise); ``X_unlabeled`` holds
+    training rows without a label (``label_fraction``), for unsupervised pretraining only.
 
     Examples
     --------
@@ -53,9 +54,11 @@ class Dataset:
     input_shape: Optional[tuple] = None
     classes: Optional[list] = None
     feature_names: Optional[list] = None
+    X_unlabeled: Optional[np.ndarray] = None
 
     def __repr__(self) -> str:
-        return (f"Dataset(task={self.task!r}, n_train={len(self.X_train)}, "
+        unlabeled = "" if self.X_unlabeled is None else f", n_unlabeled={len(self.X_unlabeled)}"
+        return (f"Dataset(task={self.task!r}, n_train={len(self.X_train)}{unlabeled}, "
                 f"n_test={len(self.X_test)}, n_features={self.X_train.shape[1]}, "
                 f"input_shape={self.input_shape})")
 
@@ -253,7 +256,7 @@ def load_dataset(source: Optional[str] = "digits", *, path: Any = None,
                  target: Optional[str] = None, task: Optional[str] = None,
                  test_size: Optional[float] = 0.25, random_state: Optional[int] = 0,
                  stratify: Optional[bool] = None, image_size: Optional[tuple] = None,
-                 grayscale: bool = False) -> Dataset:
+                 grayscale: bool = False, label_fraction: Optional[float] = None) -> Dataset:
     """Load a dataset source, infer the task, check the data and split it into train/test.
 
     Parameters
@@ -280,6 +283,10 @@ def load_dataset(source: Optional[str] = "digits", *, path: Any = None,
         Resize every image (``"images"``); without it all images must share one size.
     grayscale : bool, default=False
         Read images as one channel instead of RGB (``"images"`` only).
+    label_fraction : float in (0, 1], optional
+        Keep the labels of only this fraction of the training rows (stratified like the split,
+        seeded by ``random_state``); the other training rows become ``X_unlabeled``, for
+        unsupervised pretraining (:mod:`nnpipe.pretrain`). The test set keeps every label.
 
     Returns
     -------
@@ -290,6 +297,8 @@ def load_dataset(source: Optional[str] = "digits", *, path: Any = None,
     >>> ds = load_dataset("digits", test_size=0.5)
     >>> ds.X_train.shape, ds.X_train.dtype, ds.input_shape, ds.classes[:3]
     ((898, 64), dtype('float32'), (1, 8, 8), [0, 1, 2])
+    >>> load_dataset("digits", label_fraction=0.05)
+    Dataset(task='classification', n_train=67, n_unlabeled=1280, n_test=450, n_features=64, input_shape=(1, 8, 8))
     >>> load_dataset("digit")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -336,8 +345,33 @@ def load_dataset(source: Optional[str] = "digits", *, path: Any = None,
                              f"{where} has 1; add samples or pass stratify=False.")
         X, X_test, y, y_test = train_test_split(X, y, test_size=test_size, stratify=y if strat
                                                 else None, random_state=random_state)
+    X, y, X_unlabeled = _hide_labels(X, y, label_fraction, task, stratify, random_state)
     return Dataset(X, y, X_test, y_test, task, shape if len(shape) > 1 else None, classes,
-                   raw.feature_names)
+                   raw.feature_names, X_unlabeled)
+
+
+def _hide_labels(X, y, fraction, task, stratify, random_state):
+    """Keep the labels of ``fraction`` of the rows; the rest become unlabeled rows."""
+    if fraction is None:
+        return X, y, None
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
+            or not 0 < fraction <= 1:
+        raise invalid_value("load_dataset: label_fraction", fraction, "a fraction in (0, 1] or "
+                            "None")
+    if fraction == 1:
+        return X, y, None
+    from sklearn.model_selection import train_test_split
+
+    n_keep = int(fraction * len(y))
+    strat = task == "classification" and stratify is not False
+    n_classes = len(np.unique(y)) if task == "classification" else 1
+    if n_keep < max(n_classes, 1):
+        raise ValueError(f"load_dataset: label_fraction={fraction} keeps {n_keep} of "
+                         f"{len(y)} training labels, fewer than the {n_classes} classes; "
+                         "raise it.")
+    keep, drop = train_test_split(np.arange(len(y)), train_size=n_keep, random_state=random_state,
+                                  stratify=y if strat else None)
+    return X[keep], y[keep], X[drop]
 
 
 def _write_npz(file: Path, **arrays: np.ndarray) -> None:
@@ -350,7 +384,8 @@ def _write_npz(file: Path, **arrays: np.ndarray) -> None:
 
 
 def save_dataset(ds: Dataset, directory: Any) -> None:
-    """Write ``train.npz``, ``test.npz`` (arrays ``X``, ``y``) and ``meta.json`` to ``directory``.
+    """Write ``train.npz``, ``test.npz`` (arrays ``X``, ``y``) and ``meta.json`` to ``directory``
+    (and ``unlabeled.npz``, array ``X``, when the dataset has unlabeled rows).
 
     Object arrays are refused (they would need pickle); string labels are stored as fixed-width
     unicode. The files are byte-identical for identical datasets, so DVC sees no change.
@@ -374,6 +409,9 @@ def save_dataset(ds: Dataset, directory: Any) -> None:
     _write_npz(d / "train.npz", X=ds.X_train, y=ds.y_train)
     _write_npz(d / "test.npz", X=ds.X_test, y=ds.y_test)
     meta = {"task": ds.task, "n_train": len(ds.X_train), "n_test": len(ds.X_test)}
+    if ds.X_unlabeled is not None:
+        _write_npz(d / "unlabeled.npz", X=ds.X_unlabeled)
+        meta["n_unlabeled"] = len(ds.X_unlabeled)
     for key in ("input_shape", "classes", "feature_names"):  # numpy scalars -> JSON values
         seq = getattr(ds, key)
         meta[key] = None if seq is None else [getattr(v, "item", lambda: v)() for v in seq]
@@ -389,11 +427,20 @@ def read_dataset(directory: Any) -> Dataset:
                                     f"{str(d)!r} must hold train.npz, test.npz and meta.json.")
     meta, arrays = json.loads((d / "meta.json").read_text()), []
     for split in ("train", "test"):
-        with np.load(d / f"{split}.npz", allow_pickle=False) as z:
-            arrays += [z["X"], z["y"]]
+        try:
+            with np.load(d / f"{split}.npz", allow_pickle=False) as z:
+                arrays += [z["X"], z["y"]]
+        except (ValueError, OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"read_dataset: {str(d / (split + '.npz'))!r} is not an .npz archive "
+                             f"of numeric arrays X and y as save_dataset writes ({exc}); pickled "
+                             "data and object arrays are refused.") from None
         if len(arrays[-1]) != meta[f"n_{split}"]:
             raise ValueError(f"read_dataset: {split}.npz in {str(d)!r} has {len(arrays[-1])} rows "
                              f"but meta.json says n_{split}={meta[f'n_{split}']}; out of sync.")
+    unlabeled = None
+    if meta.get("n_unlabeled") is not None:
+        with np.load(d / "unlabeled.npz", allow_pickle=False) as z:
+            unlabeled = z["X"]
     shape = meta["input_shape"]
     return Dataset(*arrays, meta["task"], None if shape is None else tuple(shape),
-                   meta["classes"], meta["feature_names"])
+                   meta["classes"], meta["feature_names"], unlabeled)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from numbers import Integral, Real
 from typing import Any, Dict, List, Optional
 
@@ -42,20 +43,33 @@ def _prefix(est) -> str:
     return f"{est.steps[-1][0]}__" if hasattr(est, "steps") else ""
 
 
-def _fit_member(est, X, y, seed: int, threads: int):
-    """Fit one member (in a joblib worker): one torch thread by default, no oversubscription."""
+def _int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _fit_member(est, X, y, seed: int, threads: int, caller=None):
+    """Fit one member (in a joblib worker): one torch thread by default, no oversubscription.
+
+    ``caller`` is ``(pid, torch threads)`` of the process that started the ensemble. In a worker
+    *thread* of that process (threading backend, an in-process dask cluster) the members take
+    turns (nnpipe trains one network at a time per process), so each uses the caller's thread
+    count -- and leaves it as it was: ``torch.set_num_threads`` in any thread sets the count
+    every later thread starts with, and the count changes CPU kernels' float results.
+    """
+    if caller is not None and caller[0] == os.getpid():
+        threads = caller[1]
     torch.set_num_threads(threads)
     return est.fit(X, y), seed
 
 
-def _fit_with_retry(est, X, y, seed, threads, spare_seed, max_retries):
+def _fit_with_retry(est, X, y, seed, threads, spare_seed, max_retries, caller=None):
     """Fit a member; a diverging one is retried with a new seed, then the fit fails loudly."""
     from .estimators import DivergenceError
 
     attempts = []
     for attempt in range(max_retries + 1):
         try:
-            return _fit_member(est, X, y, seed, threads)
+            return _fit_member(est, X, y, seed, threads, caller)
         except DivergenceError as exc:
             attempts.append(f"seed {seed}: {exc}")
             seed = spare_seed + 1000 * (attempt + 1)
@@ -148,8 +162,20 @@ class _BaseEnsemble(BaseEstimator):
                 else "temperature scaling"
             raise ValueError(f"ensemble: {what} is fitted on validation data, but "
                              "validation_fraction is None; set it (e.g. 0.2).")
-        if not 0 < self.swa_start < 1:
-            raise invalid_value("ensemble.swa_start", self.swa_start, "a fraction in (0, 1)")
+        swa = self.swa_start
+        if not (isinstance(swa, Real) and not isinstance(swa, bool) and 0 < swa < 1):
+            raise invalid_value("ensemble.swa_start", swa, "a fraction in (0, 1)")
+        for name, value, allowed, ok in (
+                ("n_jobs", self.n_jobs, "None or a non-zero int (-1: all cores)",
+                 self.n_jobs is None or _int(self.n_jobs) and self.n_jobs != 0),
+                ("max_retries", self.max_retries, "an int >= 0",
+                 _int(self.max_retries) and self.max_retries >= 0),
+                ("random_state", self.random_state, "None or an int >= 0",
+                 self.random_state is None or _int(self.random_state) and self.random_state >= 0),
+                ("temperature", self.temperature, "true or false",
+                 isinstance(self.temperature, (bool, np.bool_)))):
+            if not ok:
+                raise invalid_value(f"ensemble.{name}", value, allowed)
         if self.backend not in (None, "loky", "threading", "multiprocessing", "dask"):
             raise invalid_value("ensemble.backend", self.backend,
                                 "None (loky), 'threading', 'multiprocessing' or 'dask'")
@@ -190,8 +216,9 @@ class _BaseEnsemble(BaseEstimator):
         threads = 1 if n_jobs != 1 else torch.get_num_threads()
         from joblib import parallel_config
 
+        caller = (os.getpid(), torch.get_num_threads())
         tasks = (delayed(_fit_with_retry)(est, X[rows], y[rows], seed, threads, n + i,
-                                          self.max_retries)
+                                          self.max_retries, caller)
                  for i, (est, rows, seed) in enumerate(jobs))
         # the dask backend registers itself through parallel_config; the others are passed to
         # Parallel directly so that joblib reuses its warm worker processes between ensembles

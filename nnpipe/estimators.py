@@ -10,8 +10,9 @@ import contextlib
 import inspect
 import math
 import sys
+import threading
 from numbers import Integral, Real
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -26,10 +27,12 @@ from sklearn.utils.validation import validate_data
 from torch import nn
 
 from ._registry import Registry, did_you_mean, invalid_value
+from ._routed import accepted_names, check_routed
 from .augment import Augmenter, tta_views
 from .callbacks import GradientValueClipping, LRSchedule, MaxNorm, NNEarlyStopping
 from .data_iter import TensorBatches, TensorDataset
 from .models import MODULES
+from .transfer import check_lr_multipliers, lr_multiplier_groups
 
 __all__ = ["NNClassifier", "NNRegressor", "DivergenceError", "OPTIMIZERS", "CRITERIA"]
 
@@ -41,10 +44,13 @@ class DivergenceError(RuntimeError):
     weights are left behind. ``epoch``, ``batch`` and ``loss`` say where it happened.
     """
 
-    def __init__(self, epoch: int, batch: int, loss: float):
-        self.epoch, self.batch, self.loss = epoch, batch, loss
+    def __init__(self, epoch: int, batch: int, loss: float, start: Optional[float] = None):
+        self.epoch, self.batch, self.loss, self.start = epoch, batch, loss, start
+        what = (f"became {loss}" if start is None else
+                f"exploded to {loss:.4g}, over divergence_factor times its starting value "
+                f"{start:.4g},")
         super().__init__(
-            f"training diverged: the loss became {loss} at epoch {epoch}, batch {batch}. "
+            f"training diverged: the loss {what} at epoch {epoch}, batch {batch}. "
             "The weights were restored to the start of that epoch. Lower lr, add gradient "
             "clipping (clip_grad_norm) or batch_norm.")
 
@@ -84,8 +90,8 @@ _ARCH_KNOBS = ("input_shape", "activation", "init", "batch_norm", "dropout")
 #: The top-level parameters nnpipe adds to skorch's (the contract YAML and searches rely on).
 NN_KNOBS = _ARCH_KNOBS + ("l1", "l2", "max_norm", "clip_grad_norm", "clip_grad_value",
                           "lr_schedule", "early_stopping", "transfer_from", "transfer_layers",
-                          "freeze", "unfreeze_after", "augment", "tta", "random_state",
-                          "on_interrupt")
+                          "freeze", "unfreeze_after", "lr_multipliers", "augment", "tta",
+                          "random_state", "on_interrupt", "divergence_factor")
 _EXTRA_PREFIXES = ["activation", "lr_schedule", "early_stopping"]
 _HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_batch_begin",
           "on_batch_end", "on_grad_computed")
@@ -99,7 +105,10 @@ def _number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
             optional: bool = False) -> None:
     if optional and value is None:
         return
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        ok = False
     ok = ok and (value > low if strict else value >= low)
     if not ok:
         allowed = f"a finite number {'>' if strict else '>='} {low:g}"
@@ -107,6 +116,12 @@ def _number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
 
 
 # --------------------------------------------------------------------------- shared behaviour
+
+#: torch's default generator is one per process, so two networks training at once in threads
+#: (joblib's threading backend, an in-process dask cluster) would interleave their random draws
+#: and neither would be reproducible: in one process, nnpipe networks train one at a time.
+#: Parallel training uses processes (joblib's loky, dask workers, search workers).
+_TRAINING_LOCK = threading.RLock()
 
 
 class _NNMixin:
@@ -131,6 +146,7 @@ class _NNMixin:
         if not isinstance(bs, Integral) or isinstance(bs, bool) or (bs < 1 and bs != -1):
             raise invalid_value("batch_size", bs, "an int >= 1, or -1 for the whole data")
         _number("l1", self.l1)
+        _number("divergence_factor", self.divergence_factor, low=1, strict=True, optional=True)
         _number("l2", self.l2)
         for name in ("max_norm", "clip_grad_norm", "clip_grad_value"):
             _number(name, getattr(self, name), strict=True, optional=True)
@@ -138,6 +154,21 @@ class _NNMixin:
         if isinstance(split, Real) and not isinstance(split, bool) and not 0 < split < 1:
             raise invalid_value("train_split", split,
                                 "a fraction in (0, 1), None, or a skorch split callable")
+        shape = self.input_shape
+        if shape is not None and not (isinstance(shape, (list, tuple)) and shape and all(
+                isinstance(d, Integral) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise invalid_value("input_shape", shape, "None or a list of positive ints: (C, L) "
+                                "or (C, H, W)")
+        es = self.early_stopping
+        if es is not None and not isinstance(es, bool) and not (isinstance(es, Integral)
+                                                                and es >= 1):
+            raise invalid_value("early_stopping", es, "None, a bool (True: patience 5) or the "
+                                "patience, an int >= 1")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise invalid_value("device", self.device, "a torch device: 'cpu', 'cuda' or "
+                                "'cuda:<index>'") from None
         if self.on_interrupt not in ("stop", "raise"):
             raise invalid_value("on_interrupt", self.on_interrupt, "'stop' or 'raise'")
         if self.early_stopping not in (None, False) and not self.train_split:
@@ -152,6 +183,7 @@ class _NNMixin:
             raise invalid_value("freeze", self.freeze, "a parameter-name pattern or a list of them")
         if self.unfreeze_after is not None and not self.freeze:
             raise ValueError("unfreeze_after is set but freeze is empty: name the layers to freeze.")
+        check_lr_multipliers(self.lr_multipliers)
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
             raise invalid_value("device", self.device, "'cpu' here: CUDA is not available")
 
@@ -170,6 +202,7 @@ class _NNMixin:
         if isinstance(self.module, str):
             MODULES.get(self.module)  # raise on an unknown name
             return True
+        MODULES.get(self.module, accept=lambda m: callable(m) or isinstance(m, nn.Module))
         return self.module in {MODULES.get(n) for n in MODULES.names()}
 
     # ----------------------------------------------------------------- sklearn glue
@@ -181,11 +214,17 @@ class _NNMixin:
             return int(self.random_state)
         return int(check_random_state(self.random_state).randint(0, 2**31 - 1))
 
+    @contextlib.contextmanager
     def _rng_context(self, seed):
-        if seed is None:
-            return contextlib.nullcontext()
-        devices = [torch.cuda.current_device()] if str(self.device).startswith("cuda") else []
-        return torch.random.fork_rng(devices=devices)
+        """Hold the process's training lock; with a seed, train on a forked global RNG."""
+        with _TRAINING_LOCK:
+            if seed is None:
+                yield
+                return
+            cuda = str(self.device).startswith("cuda")
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+                torch.manual_seed(seed)
+                yield
 
     def fit(self, X, y, **fit_params):
         """Initialise the network from the data and train it; returns ``self``.
@@ -195,13 +234,11 @@ class _NNMixin:
         if fit_params:
             raise TypeError(f"fit got unexpected arguments {sorted(fit_params)}")
         X, y = self._prepare_data(X, y, reset=True)
-        self.validate_params(self.n_features_in_, self.n_outputs_)
-        self.sample_shape_ = self._sample_shape()
-        self.augment_ = self._resolve_augment()
         self.seed_ = self._seed()
         with self._rng_context(self.seed_):
-            if self.seed_ is not None:
-                torch.manual_seed(self.seed_)
+            self.validate_params(self.n_features_in_, self.n_outputs_)
+            self.sample_shape_ = self._sample_shape()
+            self.augment_ = self._resolve_augment()
             if not self.warm_start or not self.initialized_:
                 self.initialize()
             return self._train(X, y)
@@ -215,11 +252,29 @@ class _NNMixin:
                 self.classes = list(classes)
             return self.fit(X, y)
         X, y = self._prepare_data(X, y, reset=False)
-        return self._train(X, y)
+        seed = self._seed()
+        if seed is not None:  # a stream of its own per (seed, epochs so far): repeatable
+            seed = int(np.random.SeedSequence([seed % 2**63, len(self.history)])
+                       .generate_state(1)[0])
+        with self._rng_context(seed):
+            return self._train(X, y)
 
-    def _train(self, X, y):
+    def _continue_training(self, X, y, epochs: int, rng_states: Dict[str, torch.Tensor]):
+        """Train ``epochs`` more epochs from the random state a checkpoint saved (the optimizer
+        and callbacks are restored by :func:`nnpipe.checkpoint.resume`)."""
+        X, y = self._prepare_data(X, y, reset=False)
+        cuda = str(self.device).startswith("cuda") and "cuda" in rng_states
+        with _TRAINING_LOCK, torch.random.fork_rng(
+                devices=[torch.cuda.current_device()] if cuda else []):
+            torch.set_rng_state(rng_states["cpu"])
+            if cuda:
+                torch.cuda.set_rng_state(rng_states["cuda"])
+            return self._train(X, y, epochs=epochs)
+
+    def _train(self, X, y, epochs: Optional[int] = None):
         self.interrupted_ = False
-        NeuralNet.partial_fit(self, X, y)  # skorch's loop (it swallows KeyboardInterrupt)
+        # skorch's loop (it swallows KeyboardInterrupt); epochs=None: max_epochs
+        NeuralNet.partial_fit(self, X, y, **({} if epochs is None else {"epochs": epochs}))
         if self.interrupted_ and self.on_interrupt == "raise":
             raise KeyboardInterrupt(f"{type(self).__name__}.fit was interrupted at epoch "
                                     f"{len(self.history)}")
@@ -301,30 +356,25 @@ class _NNMixin:
                                                  self.transfer_layers)
         return self
 
-    def validate_params(self, n_features: Optional[int] = None, n_outputs: int = 2) -> "_NNMixin":
+    def validate_params(self, n_features: Optional[int] = None,
+                        n_outputs: Optional[int] = None) -> "_NNMixin":
         """Check every parameter without training; raise ``ValueError`` naming the bad one.
 
         ``fit`` runs this too; call it early (as ``nnpipe check`` does for params.yaml) to fail
-        before any work. ``n_features`` is the data's width when known.
+        before any work. ``n_features`` is the data's width and ``n_outputs`` the number of
+        classes (or targets) when known.
         """
         self._check_params()
-        CRITERIA.get(self.criterion, accept=callable)
-        OPTIMIZERS.get(self.optimizer, accept=_is_subclass(torch.optim.Optimizer))
-        if self.lr_schedule is not None:
-            from .schedules import SCHEDULES, _is_scheduler_class
-            SCHEDULES.get(self.lr_schedule, accept=_is_scheduler_class)
-        if self.early_stopping not in (None, False):
-            try:
-                NNEarlyStopping(**self.get_params_for("early_stopping"))
-            except TypeError as exc:
-                raise ValueError(f"early_stopping__*: {exc}") from None
+        self._check_components(n_outputs)
         shape = None if self.input_shape is None else tuple(self.input_shape)
         if n_features is None and shape:
             n_features = math.prod(shape)
         shape_unknown = self.input_shape is None and n_features is None and self.module == "cnn2d"
         if self._own_module() and not shape_unknown:
             with torch.random.fork_rng(devices=[]):  # building a test module must not draw
-                self._build_module(n_features or 8, n_outputs)
+                names = [n for n, _ in self._build_module(n_features or 8, n_outputs or 2)
+                         .named_parameters()]
+            check_lr_multipliers(self.lr_multipliers, names)
         if shape is None and self.module == "cnn1d":
             shape = (1, n_features)
         if self.augment is not None:
@@ -338,17 +388,86 @@ class _NNMixin:
             tta_views(self.tta, shape)
         return self
 
+    def _check_components(self, n_outputs: Optional[int] = None) -> None:
+        """Build the criterion, optimizer, lr schedule and early stopping once, on throw-away
+        inputs, so that a bad ``criterion__*`` / ``optimizer__*`` / ``lr_schedule__*`` /
+        ``early_stopping__*`` fails now, naming the key, instead of at fit or mid-training.
+        nnpipe's own losses also compute one loss on a dummy batch of ``n_outputs`` columns
+        (torch checks ``reduction`` and the class ``weight``'s length only there)."""
+        from .schedules import SCHEDULES, ScheduleContext, _is_scheduler_class, make_schedule
+
+        crit = CRITERIA.get(self.criterion, accept=callable)
+        if isinstance(crit, type):
+            params = self._criterion_params()
+            weight = params.get("weight")
+            width = n_outputs or (len(weight) if isinstance(weight, torch.Tensor)
+                                  and weight.dim() == 1 else 2)
+
+            def criterion(kw):
+                loss = crit(**kw)
+                if crit in _CLASSIFICATION_LOSSES.values():
+                    loss(torch.zeros(3, width), torch.arange(3) % width)
+                elif crit in _REGRESSION_LOSSES.values():
+                    loss(torch.zeros(3, width), torch.zeros(3, width))
+
+            check_routed("criterion", crit.__name__, params, criterion, accepted_names(crit))
+        opt_cls = OPTIMIZERS.get(self.optimizer, accept=_is_subclass(torch.optim.Optimizer))
+        torch_cls = getattr(opt_cls, "optimizer_class", opt_cls)  # "nesterov" is SGD + defaults
+        probe = [torch.zeros(2, requires_grad=True)]
+
+        def optimizer(kw):
+            return opt_cls(probe, **{"lr": self.lr, **kw})
+
+        # skorch's own optimizer__param_groups ([(pattern, {"lr": ...})]) needs the real network
+        routed = {k: v for k, v in self.get_params_for("optimizer").items() if k != "param_groups"}
+        check_routed("optimizer", torch_cls.__name__, routed, optimizer,
+                     accepted_names(torch_cls, skip={"params"}))
+        if self.lr_schedule is not None:
+            sched = SCHEDULES.get(self.lr_schedule, accept=_is_scheduler_class)
+            if _is_scheduler_class(sched):
+                owner, accepted = sched.__name__, accepted_names(sched, skip={"optimizer"})
+                accepted = None if accepted is None else accepted | {"step_every", "monitor"}
+            else:
+                owner = f"lr_schedule={self.lr_schedule!r}"
+                accepted = accepted_names(sched, skip={"optimizer", "ctx"})
+            ctx = ScheduleContext(max_epochs=self.max_epochs, steps_per_epoch=10)
+            kwargs = self.get_params_for("lr_schedule")
+            check_routed("lr_schedule", owner, kwargs,
+                         lambda kw: make_schedule(self.lr_schedule, optimizer({}), ctx, **kw),
+                         accepted)
+        if self.early_stopping not in (None, False):
+            check_routed("early_stopping", "early stopping", self.get_params_for("early_stopping"),
+                         lambda kw: NNEarlyStopping(**kw),
+                         accepted_names(NNEarlyStopping, skip={"sink"}))
+
     def _output_kind(self) -> str:
         return "linear"
 
+    def _criterion_params(self) -> Dict[str, Any]:
+        """``criterion__*``, with a list for ``weight`` / ``pos_weight`` (all params.yaml can
+        hold) made the float tensor torch's losses want."""
+        params = self.get_params_for("criterion")
+        for key in ("weight", "pos_weight"):
+            if isinstance(params.get(key), (list, tuple)):
+                try:
+                    params[key] = torch.tensor(params[key], dtype=torch.float32)
+                except (TypeError, ValueError, RuntimeError):
+                    raise invalid_value(f"criterion__{key}", params[key],
+                                        "a list of numbers (one per class)") from None
+        return params
+
     def initialize_criterion(self):
         crit = CRITERIA.get(self.criterion, accept=lambda c: callable(c))
-        self.criterion_ = self.initialized_instance(crit, self.get_params_for("criterion"))
+        self.criterion_ = self.initialized_instance(crit, self._criterion_params())
         return self
 
     def initialize_optimizer(self, triggered_directly=None):
         opt = OPTIMIZERS.get(self.optimizer, accept=_is_subclass(torch.optim.Optimizer))
-        args, kwargs = self.get_params_for_optimizer("optimizer", self.get_all_learnable_params())
+        named = list(self.get_all_learnable_params())
+        args, kwargs = self.get_params_for_optimizer("optimizer", named)
+        if self.lr_multipliers:
+            check_lr_multipliers(self.lr_multipliers, [n for n, _ in named])
+            args = (lr_multiplier_groups(args[0], named, self.lr_multipliers, kwargs["lr"]),)
         try:
             self.optimizer_ = opt(*args, **kwargs)
         except (TypeError, ValueError) as exc:
@@ -446,8 +565,14 @@ class _NNMixin:
         loss = self.get_loss(y_pred, yi, X=Xi, training=True)
         value = loss.item()
         if not math.isfinite(value):
-            epoch = len(self.history)
-            raise DivergenceError(epoch, len(self.history[-1]["batches"]) + 1, value)
+            raise DivergenceError(len(self.history), len(self.history[-1]["batches"]), value)
+        if self.divergence_factor is not None:
+            # the untrained network's loss (first batch ever) is the scale of "exploded"
+            first = self.history[0]["batches"]
+            start = first[0].get("train_loss", math.inf) if first else math.inf
+            if 0 < start < value / self.divergence_factor:
+                raise DivergenceError(len(self.history), len(self.history[-1]["batches"]),
+                                      value, start)
         loss.backward()
         return {"loss": loss, "y_pred": y_pred}
 
@@ -535,7 +660,17 @@ class _NNMixin:
             setattr(self, key, value)
             self._params_to_validate.add(key)
         rest = {k: v for k, v in kwargs.items() if k not in ours}
-        return super().set_params(**rest) if rest else self
+        if not rest:
+            return self
+        super().set_params(**rest)
+        if "lr" in rest and self.initialized_ and hasattr(self, "optimizer_"):
+            for group in self.optimizer_.param_groups:  # skorch set one lr for every group
+                group["lr"] = rest["lr"] * group.get("lr_multiplier", 1.0)
+        if self.initialized_ and any(k.startswith("callbacks") for k in rest):
+            # skorch re-initializes the *old* callbacks before storing the new ones, so a fitted
+            # net would go on training (partial_fit) with the callbacks it had
+            self.initialize_callbacks()
+        return self
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -612,6 +747,11 @@ _COMMON_DOC = """
         Parameter-name patterns to freeze (``"hidden.*"``), e.g. the transferred layers.
     unfreeze_after : int, optional
         Unfreeze the frozen layers after this many epochs.
+    lr_multipliers : dict of str to float, optional
+        Per-layer-group learning rates: parameters whose name matches a pattern (fnmatch, first
+        match wins) train at ``lr * factor`` (``{"hidden.*": 0.1}``: reused layers at a tenth;
+        0 holds them still). Built as skorch's optimizer param groups (combined with
+        ``optimizer__param_groups``); schedules scale every group alike, so the ratios hold.
     augment : Augmenter or dict, optional
         Augmentation of training batches only (:mod:`nnpipe.augment`); each op's parameters are
         reachable as ``augment__<op>__<param>``. Needs ``input_shape`` (or ``module="cnn1d"``).
@@ -625,6 +765,11 @@ _COMMON_DOC = """
         What Ctrl-C during ``fit`` does: "stop" keeps the model trained so far (skorch's
         behaviour, ``interrupted_`` is set); "raise" re-raises ``KeyboardInterrupt``, as a
         pipeline stage needs.
+    divergence_factor : float or None, default=1e3
+        Stop with :class:`DivergenceError` (weights restored to the start of the epoch) when a
+        batch's loss exceeds this many times the untrained network's loss (the first batch of
+        the first epoch), as at ``lr=1e6`` where the loss explodes without becoming NaN. A NaN or
+        infinite loss always stops training. None: only NaN/inf.
     **kwargs
         skorch's routed parameters (``module__*``, ``optimizer__*``, ``iterator_train__*``, ...).
 """
@@ -650,8 +795,10 @@ class NNClassifier(_NNMixin, NeuralNetClassifier):
                  verbose=0, input_shape=None, activation=None, init=None, batch_norm=None,
                  dropout=None, l1=0.0, l2=0.0, max_norm=None, clip_grad_norm=None,
                  clip_grad_value=None, lr_schedule=None, early_stopping=None, transfer_from=None,
-                 transfer_layers=None, freeze=None, unfreeze_after=None, augment=None, tta=None,
-                 random_state=None, on_interrupt="stop", classes=None, **kwargs):
+                 transfer_layers=None, freeze=None, unfreeze_after=None, lr_multipliers=None,
+                 augment=None, tta=None,
+                 random_state=None, on_interrupt="stop", divergence_factor=1e3, classes=None,
+                 **kwargs):
         super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
                          max_epochs=max_epochs, batch_size=batch_size, train_split=train_split,
                          callbacks=callbacks, device=device, verbose=verbose, classes=classes,
@@ -720,8 +867,9 @@ class NNRegressor(_NNMixin, NeuralNetRegressor):
                  verbose=0, input_shape=None, activation=None, init=None, batch_norm=None,
                  dropout=None, l1=0.0, l2=0.0, max_norm=None, clip_grad_norm=None,
                  clip_grad_value=None, lr_schedule=None, early_stopping=None, transfer_from=None,
-                 transfer_layers=None, freeze=None, unfreeze_after=None, augment=None, tta=None,
-                 random_state=None, on_interrupt="stop", **kwargs):
+                 transfer_layers=None, freeze=None, unfreeze_after=None, lr_multipliers=None,
+                 augment=None, tta=None,
+                 random_state=None, on_interrupt="stop", divergence_factor=1e3, **kwargs):
         super().__init__(module, criterion=criterion, optimizer=optimizer, lr=lr,
                          max_epochs=max_epochs, batch_size=batch_size, train_split=train_split,
                          callbacks=callbacks, device=device, verbose=verbose, **kwargs)

@@ -158,9 +158,14 @@ def _check_dropout(dropout: Any) -> float:
 
 
 def _sizes(name: str, sizes: Union[int, Sequence[int]]) -> Tuple[int, ...]:
-    sizes = (sizes,) if isinstance(sizes, int) else tuple(sizes)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
-        raise invalid_value(name, sizes, "a positive int or a list of positive ints")
+    given = sizes
+    if isinstance(sizes, int):
+        sizes = (sizes,)
+    elif isinstance(sizes, (list, tuple, range)):
+        sizes = tuple(sizes)
+    if not (isinstance(sizes, tuple) and
+            all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)):
+        raise invalid_value(name, given, "a positive int or a list of positive ints")
     return sizes
 
 
@@ -258,10 +263,11 @@ class _CNN(nn.Module):
         super().__init__()
         shape = self._input_shape(input_shape, n_features)
         knobs = _Knobs(activation, activation_kwargs, batch_norm, dropout)
-        for name, value in (("module__kernel_size", kernel_size), ("module__stride", stride)):
-            _sizes(name, value)
-        if pool is not None:
-            _sizes("module__pool", pool)
+        for name, value in (("module__kernel_size", kernel_size), ("module__stride", stride),
+                            ("module__pool", 1 if pool is None else pool)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise invalid_value(name, value, "a positive int" + (
+                    " or None" if name == "module__pool" else ""))
         layers, c_in = [], shape[0]
         for c_out in _sizes("module__channels", channels):
             conv = self._conv(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2)

@@ -7,18 +7,24 @@ Layout of a saved model directory::
 
 Saving writes the weights under a content-addressed name first, then replaces ``model.json``
 atomically (temporary file + ``os.replace``): ``model.json`` is the commit point, so a crash at any
-moment leaves either the old or the new model loadable, never a mixture. Loading verifies the
+moment leaves either the old or the new model loadable, never a mixture. Saves to one directory
+take turns (``flock``); a load that races a save re-reads the new version. Loading verifies the
 weights' SHA-256 and never unpickles anything. Classes named in ``model.json`` are imported only
-from torch, skorch, sklearn, numpy and nnpipe, or from modules you pass in ``trusted``.
+from torch, skorch, sklearn, numpy and nnpipe, and only network, loss, optimizer, scheduler and
+data classes and init / activation functions (loading calls them), or from modules you pass in
+``trusted``. skops files (pipelines' preprocessing, stacking meta-learners) may name only
+scikit-learn and nnpipe estimators beyond skops' own trusted types.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -96,17 +102,55 @@ def _encode(name: str, value: Any) -> Any:
                     "and importable classes / functions can be written to model.json.")
 
 
+def _user_trusted(name: str, trusted: Iterable[str], sep: str = ".") -> bool:
+    module_name = name.partition(":")[0] if sep == ":" else name
+    return any(name == t or module_name == t or module_name.startswith(t + ".") for t in trusted)
+
+
+def _loadable(obj: Any) -> bool:
+    """May a reference into torch, skorch, sklearn, numpy or nnpipe be loaded without trusted=?
+
+    Loading calls what ``model.json`` names with arguments from ``model.json`` (``criterion`` with
+    ``criterion__*``, ``module`` with ``module__*``, ...), so a bare package check is not enough:
+    ``torch.load`` or ``numpy.testing``'s ``runstring`` would run code. Only the kinds of object
+    nnpipe's parameters take pass: network, loss, optimizer, scheduler and data classes, and
+    functions of ``torch.nn.init`` / ``torch.nn.functional`` / nnpipe's init and schedules.
+    """
+    import skorch.dataset
+    import torch.utils.data
+
+    if isinstance(obj, type):
+        return issubclass(obj, (torch.nn.Module, torch.optim.Optimizer,
+                                torch.optim.lr_scheduler.LRScheduler,
+                                torch.optim.lr_scheduler.ReduceLROnPlateau,
+                                torch.utils.data.Dataset, torch.utils.data.DataLoader,
+                                skorch.dataset.ValidSplit))
+    if any(obj is f for f in (torch.exp, torch.sigmoid, torch.softmax, torch.log_softmax,
+                              torch.tanh)):
+        return True
+    return callable(obj) and getattr(obj, "__module__", None) in (
+        "torch.nn.init", "torch.nn.functional", "nnpipe.models", "nnpipe.schedules")
+
+
 def _resolve(ref: str, trusted: Iterable[str]) -> Any:
     module_name, _, qualname = ref.partition(":")
     top = module_name.split(".")[0]
-    if top not in _SAFE_PACKAGES and not any(
-            ref == t or module_name == t or module_name.startswith(t + ".") for t in trusted):
+    user_trusted = _user_trusted(ref, trusted, sep=":")
+    if top not in _SAFE_PACKAGES and not user_trusted:
         raise UntrustedTypeError(
             f"model.json names {ref!r}, outside the trusted packages {list(_SAFE_PACKAGES)}. "
             f"If you wrote that class, load with trusted=[{module_name!r}].")
-    obj = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"model.json names {ref!r}, which cannot be imported ({exc}).") from None
+    if not user_trusted and not _loadable(obj):
+        raise UntrustedTypeError(
+            f"model.json names {ref!r}, which is not a network, loss, optimizer, scheduler or "
+            "data class, nor an init / activation function: nnpipe will not call it while "
+            f"loading (it could run code). If you meant it, load with trusted=[{ref!r}].")
     return obj
 
 
@@ -137,7 +181,7 @@ def _json_default(obj: Any) -> Any:
 # --------------------------------------------------------------------------- estimators
 
 _FITTED_ATTRS = ("classes_inferred_", "n_features_in_", "feature_names_in_", "n_outputs_",
-                 "y_ndim_", "seed_", "sample_shape_")
+                 "y_ndim_", "seed_", "sample_shape_", "folded_bn_paths_")
 
 
 def _nn_params(est) -> Dict[str, Any]:
@@ -158,11 +202,14 @@ def _nn_params(est) -> Dict[str, Any]:
     return encoded
 
 
-def save(estimator, directory: os.PathLike) -> Path:
+def save(estimator, directory: os.PathLike, *, training_state=None) -> Path:
     """Save a fitted nnpipe estimator, or an sklearn ``Pipeline`` ending in one, to ``directory``.
 
     The directory is created if needed; the path is returned. A pipeline's preprocessing steps
     are written with skops (sklearn's secure, pickle-free format), its network as below.
+    ``training_state`` (``(tensors, json-able dict)``, for one network only) is what
+    :class:`~nnpipe.checkpoint.Checkpoint` adds so that a run resumes exactly: it is committed
+    with the weights, in the same ``model.json``.
 
     Examples
     --------
@@ -177,31 +224,161 @@ def save(estimator, directory: os.PathLike) -> Path:
     from sklearn.pipeline import Pipeline
     from sklearn.utils.validation import check_is_fitted
 
-    if isinstance(estimator, Pipeline):
-        return _save_pipeline(estimator, Path(directory))
-    if hasattr(estimator, "members_"):
-        return _save_ensemble(estimator, Path(directory))
-    check_is_fitted(estimator, "module_")
+    if not isinstance(estimator, Pipeline) and not hasattr(estimator, "members_"):
+        check_is_fitted(estimator, "module_")
+    if training_state is not None and (isinstance(estimator, Pipeline)
+                                       or hasattr(estimator, "members_")):
+        raise TypeError("save: training_state is for a single network, not a "
+                        f"{type(estimator).__name__}.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in estimator.module_.state_dict().items()}
-    blob = st_save(state, metadata={"format": "nnpipe", "version": str(FORMAT_VERSION)})
+    with _locked(directory):
+        if isinstance(estimator, Pipeline):
+            _save_pipeline(estimator, directory)
+        elif hasattr(estimator, "members_"):
+            _save_ensemble(estimator, directory)
+        else:
+            _save_net(estimator, directory, training_state)
+        for tmp in directory.glob(".*.tmp"):  # from saves killed mid-write (saves take turns)
+            if tmp.name.startswith((".model.json.", ".weights-", ".preprocess-", ".meta-",
+                                    ".state-")):
+                with _suppress():
+                    tmp.unlink()
+        for tmp in directory.glob(".*.tmpdir"):  # sub-models of a killed save
+            if tmp.name.startswith((".estimator-", ".member-")):
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """Serialise saves to one directory across processes and threads (``flock`` on it; the OS
+    releases it when a process dies): each save removes the parts its manifest does not name,
+    which would include the parts another save has written but not yet committed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): saves to one directory must not overlap
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with _suppress():  # a file system without locks: as without fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_tensors(directory: Path, prefix: str, tensors: Dict[str, torch.Tensor]):
+    """Write ``tensors`` as ``<prefix>-<sha256 prefix>.safetensors``; returns (name, sha256)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # one metadata key: safetensors writes several in a random order, and the same weights must
+    # give the same bytes (and file name) in every process, or DVC sees a new model each run
+    blob = st_save(state, metadata={"format": f"nnpipe/{FORMAT_VERSION}"})
     digest = hashlib.sha256(blob).hexdigest()
-    weights = f"weights-{digest[:16]}.safetensors"
-    if not (directory / weights).exists():
-        atomic_write_bytes(directory / weights, blob)
+    name = f"{prefix}-{digest[:16]}.safetensors"
+    if not (directory / name).exists():
+        atomic_write_bytes(directory / name, blob)
+    return name, digest
+
+
+def _timeless(history):
+    """The history without skorch's wall-clock ``dur`` columns (epochs and batches): the same
+    training must give the same bytes, or DVC sees a new model on every identical rerun."""
+    return [{k: ([{bk: bv for bk, bv in b.items() if bk != "dur"} for b in v]
+                 if k == "batches" else v) for k, v in row.items() if k != "dur"}
+            for row in history]
+
+
+def _stable_skops(obj) -> bytes:
+    """``skops.io.dumps``, made a function of the object alone: skops numbers its nodes and
+    names its array files after ``id()`` (memory addresses) and stamps the zip with the time;
+    here ids and files are numbered in the schema's order and the time is 1980-01-01. So the
+    same object gives the same bytes (and content-addressed file name) in every process."""
+    import io
+    import zipfile
+
+    import skops.io as sio
+
+    src = zipfile.ZipFile(io.BytesIO(sio.dumps(obj)))
+    members = set(src.namelist())
+    schema = json.loads(src.read("schema.json"))
+    ids: Dict[int, int] = {}
+    files: Dict[str, str] = {}
+
+    def renumber(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "__id__" and isinstance(value, int):
+                    node[key] = ids.setdefault(value, len(ids))
+                elif key == "file" and isinstance(value, str) and value in members:
+                    node[key] = files.setdefault(value, f"{len(files)}{Path(value).suffix}")
+                else:
+                    renumber(value)
+        elif isinstance(node, list):
+            for value in node:
+                renumber(value)
+
+    renumber(schema)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            name = files.get(info.filename, info.filename)
+            data = (json.dumps(schema, indent=2).encode() if name == "schema.json"
+                    else src.read(info))
+            fixed = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+            dst.writestr(fixed, data)
+    return out.getvalue()
+
+
+def _save_content_named(estimator, directory: Path, prefix: str) -> str:
+    """Save ``estimator`` into a sub-directory named after its content (``<prefix>-<sha256>``):
+    written under a temporary name, then renamed (before the parent's ``model.json`` commits),
+    so the same model always lands under the same name."""
+    import shutil
+    import uuid
+
+    tmp = directory / f".{prefix}-{uuid.uuid4().hex[:12]}.tmpdir"
+    save(estimator, tmp)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(tmp).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    name = f"{prefix}-{digest.hexdigest()[:16]}"
+    if (directory / name / _MANIFEST).is_file():  # the very same model is there already
+        shutil.rmtree(tmp)
+    else:
+        with _suppress():
+            shutil.rmtree(directory / name)  # a part left by a killed save
+        os.rename(tmp, directory / name)
+    return name
+
+
+def _save_net(estimator, directory: Path, training_state=None) -> Path:
+    weights, digest = _write_tensors(directory, "weights", estimator.module_.state_dict())
     fitted = {a: getattr(estimator, a) for a in _FITTED_ATTRS if hasattr(estimator, a)}
     manifest = {
         "format": "nnpipe", "format_version": FORMAT_VERSION,
         "class": type(estimator).__name__,
         "params": _nn_params(estimator),
         "fitted": json.loads(json.dumps(fitted, default=_json_default)),
-        "history": json.loads(json.dumps(estimator.history_.to_list(), default=_json_default)),
+        "history": json.loads(json.dumps(_timeless(estimator.history_.to_list()),
+                                         default=_json_default)),
         "weights": {"file": weights, "sha256": digest},
     }
+    keep = {weights}
+    if training_state is not None:
+        tensors, meta = training_state
+        name, state_digest = _write_tensors(directory, "state", tensors)
+        manifest["training_state"] = {"file": name, "sha256": state_digest,
+                                      "meta": json.loads(json.dumps(meta))}
+        keep.add(name)
     atomic_write_bytes(directory / _MANIFEST, json.dumps(manifest, indent=1).encode())
-    for old in directory.glob("weights-*.safetensors"):
-        if old.name != weights:
+    for old in [*directory.glob("weights-*.safetensors"), *directory.glob("state-*.safetensors")]:
+        if old.name not in keep:
             with _suppress():
                 old.unlink()
     return directory
@@ -209,6 +386,10 @@ def save(estimator, directory: os.PathLike) -> Path:
 
 def _read_manifest(directory: Path) -> Dict[str, Any]:
     path = directory / _MANIFEST
+    if directory.is_file():
+        raise ValueError(f"{directory} is a file, not an nnpipe model directory (nnpipe.save "
+                         "writes a directory with model.json); nnpipe never loads pickles or "
+                         "torch.save files.")
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an nnpipe model directory: no {_MANIFEST}.")
     try:
@@ -224,16 +405,22 @@ def _read_manifest(directory: Path) -> Dict[str, Any]:
     return manifest
 
 
-def _read_weights(directory: Path, manifest: Dict[str, Any], device: str):
-    info = manifest.get("weights") or {}
+def _read_weights(directory: Path, manifest: Dict[str, Any], device: str, part: str = "weights"):
+    info = manifest.get(part) or {}
     name = str(info.get("file", ""))
-    if not name.startswith("weights-") or "/" in name or os.sep in name:
-        raise ValueError(f"{directory / _MANIFEST} names an invalid weights file {name!r}.")
+    prefix = "weights-" if part == "weights" else "state-"
+    if not name.startswith(prefix) or "/" in name or os.sep in name:
+        raise ValueError(f"{directory / _MANIFEST} names an invalid {part} file {name!r}.")
     blob = (directory / name).read_bytes()
     if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
         raise ValueError(f"{directory / name} does not match the checksum in {_MANIFEST}: the file "
                          "is corrupt or was replaced.")
-    return {k: v.to(device) for k, v in st_load(blob).items()}
+    try:
+        state = st_load(blob)
+    except Exception as exc:  # safetensors' own error type is no ValueError
+        raise ValueError(f"{directory / name} is not a safetensors file ({exc}); nnpipe never "
+                         "loads pickles or torch.save files.") from None
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device: Optional[str] = None):
@@ -247,21 +434,80 @@ def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device
         sklearn, numpy and nnpipe that ``model.json`` may name, e.g. your own module class.
     device : str, optional
         Override the saved ``device`` (a CUDA-trained model loads on the CPU when no GPU is found).
+
+    Loading while another process saves to ``directory`` (a training :class:`~nnpipe.checkpoint.
+    Checkpoint`) gives the old version or the new one. Nothing is unpickled: a file that is not
+    what ``model.json`` says it is raises ``ValueError`` naming it.
     """
+    return _load_retrying(directory, trusted, device)
+
+
+def load_with_training_state(directory: os.PathLike, trusted: Optional[Iterable[str]] = None,
+                             device: Optional[str] = None):
+    """:func:`load` a network together with the training state saved beside it (``None`` when
+    there is none), both from the same ``model.json``."""
+    return _load_retrying(directory, trusted, device, with_state=True)
+
+
+def _load_retrying(directory, trusted, device, with_state=False):
+    directory, trusted = Path(directory), list(trusted or [])
+    attempts = 20
+    for attempt in range(attempts):
+        stamp = _stamp(directory)
+        try:
+            return _load_once(directory, trusted, device, with_state)
+        except FileNotFoundError:
+            # a save (in another process) committed a new model.json and removed the parts of
+            # the old one while this load was reading them: read the new version (a writer
+            # saving back to back can overtake a slow load more than once)
+            if attempt == attempts - 1 or stamp is None or _stamp(directory) == stamp:
+                raise
+            time.sleep(0.005 * attempt)
+
+
+def _stamp(directory: Path):
+    try:
+        st = (directory / _MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _load_once(directory: Path, trusted, device, with_state=False):
+    # one read of model.json for the model and its training state: a save that commits
+    # meanwhile removes the files it named, and the FileNotFoundError makes load read again
+    manifest = _read_manifest(directory)
+    est = _load_manifest(directory, manifest, trusted, device)
+    if not with_state:
+        return est
+    if "training_state" not in manifest or not hasattr(est, "module_"):
+        return est, None
+    tensors = _read_weights(directory, manifest, "cpu", part="training_state")
+    return est, (tensors, manifest["training_state"].get("meta") or {})
+
+
+def _load_manifest(directory: Path, manifest: Dict[str, Any], trusted, device):
     from . import estimators
 
-    directory = Path(directory)
-    manifest = _read_manifest(directory)
-    trusted = list(trusted or [])
     if manifest.get("class") == "Pipeline":
         return _load_pipeline(directory, manifest, trusted, device)
     if manifest.get("class") in ("EnsembleClassifier", "EnsembleRegressor"):
         return _load_ensemble(directory, manifest, trusted, device)
-    classes = {"NNClassifier": estimators.NNClassifier, "NNRegressor": estimators.NNRegressor}
+    from .pretrain import Pretrainer
+
+    classes = {"NNClassifier": estimators.NNClassifier, "NNRegressor": estimators.NNRegressor,
+               "Pretrainer": Pretrainer}
     if manifest.get("class") not in classes:
         raise ValueError(f"{directory / _MANIFEST}: class {manifest.get('class')!r} is not one of "
                          f"{sorted(classes)}.")
-    params = _decode(manifest["params"], trusted)
+    try:
+        params = _decode(manifest["params"], trusted)
+    except UntrustedTypeError as exc:
+        raise UntrustedTypeError(f"{directory / _MANIFEST}: {exc}") from None
+    if (params.get("torch_load_kwargs") or {}).get("weights_only", True) is not True:
+        raise UntrustedTypeError(f"{directory / _MANIFEST} sets torch_load_kwargs="
+                                 f"{params['torch_load_kwargs']!r}: skorch's load_params would "
+                                 "unpickle (run) code; nnpipe only loads with weights_only=True.")
     if device is None and str(params.get("device", "cpu")).startswith("cuda") \
             and not torch.cuda.is_available():
         warnings.warn("the model was saved on CUDA; loading it on the CPU.", stacklevel=2)
@@ -276,7 +522,14 @@ def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device
         if key == "sample_shape_" and value is not None:
             value = tuple(value)
         setattr(est, key, value)
+    if est.augment is not None and hasattr(est, "sample_shape_"):
+        est.augment_ = est._resolve_augment()  # partial_fit goes on augmenting as fit did
     est.initialize()
+    if getattr(est, "folded_bn_paths_", None):  # a partly folded network (nnpipe.export)
+        from .export import replace_with_identity
+
+        replace_with_identity(est.module_, est.folded_bn_paths_)
+        est.initialize_optimizer()
     est.module_.load_state_dict(_read_weights(directory, manifest, params.get("device", "cpu")))
     est.history_ = History(manifest.get("history", []))
     est.transfer_from = transfer_from
@@ -287,10 +540,6 @@ def load(directory: os.PathLike, trusted: Optional[Iterable[str]] = None, device
 
 
 def _save_pipeline(pipeline, directory: Path) -> Path:
-    import uuid
-
-    import skops.io as sio
-
     *pre, (final_name, final) = pipeline.steps
     directory.mkdir(parents=True, exist_ok=True)
     manifest: Dict[str, Any] = {"format": "nnpipe", "format_version": FORMAT_VERSION,
@@ -299,15 +548,14 @@ def _save_pipeline(pipeline, directory: Path) -> Path:
     if pre:
         from sklearn.pipeline import Pipeline
 
-        blob = sio.dumps(Pipeline(pre))
+        blob = _stable_skops(Pipeline(pre))
         digest = hashlib.sha256(blob).hexdigest()
         name = f"preprocess-{digest[:16]}.skops"
         if not (directory / name).exists():
             atomic_write_bytes(directory / name, blob)
         manifest["preprocess"] = {"file": name, "sha256": digest}
         keep.add(name)
-    sub = f"estimator-{uuid.uuid4().hex[:12]}"
-    save(final, directory / sub)
+    sub = _save_content_named(final, directory, "estimator")
     manifest["final"] = {"name": final_name, "dir": sub}
     keep.add(sub)
     atomic_write_bytes(directory / _MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -320,6 +568,37 @@ def _save_pipeline(pipeline, directory: Path) -> Path:
     return directory
 
 
+def _estimator_class(name: str) -> bool:
+    """Is ``name`` ("pkg.module.Class") a scikit-learn or nnpipe estimator class?"""
+    module_name, _, cls = name.rpartition(".")
+    if module_name.split(".")[0] not in ("sklearn", "nnpipe"):
+        return False
+    from sklearn.base import BaseEstimator
+
+    try:
+        obj = getattr(importlib.import_module(module_name), cls)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(obj, type) and issubclass(obj, BaseEstimator)
+
+
+def _skops_loads(path: Path, blob: bytes, trusted: Iterable[str]) -> Any:
+    """Load a skops file nnpipe wrote: beyond skops' own trusted types, only sklearn and nnpipe
+    estimator classes, or what ``trusted`` names (a skops file can name any callable to call)."""
+    import skops.io as sio
+
+    try:
+        types = sio.get_untrusted_types(data=blob)
+    except Exception as exc:  # not a zip, no schema.json, bad protocol, ...
+        raise ValueError(f"{path} is not a skops file written by nnpipe.save ({exc}).") from None
+    bad = [t for t in types if not _user_trusted(t, trusted) and not _estimator_class(t)]
+    if bad:
+        raise UntrustedTypeError(f"{path} names types that are not scikit-learn or nnpipe "
+                                 f"estimators: {bad}; loading them could run code. If you wrote "
+                                 "them, pass trusted=[...] naming them.")
+    return sio.loads(blob, trusted=types)
+
+
 def _safe_name(directory: Path, name: Any, prefix: str) -> Path:
     name = str(name)
     if not name.startswith(prefix) or "/" in name or os.sep in name or ".." in name:
@@ -328,7 +607,6 @@ def _safe_name(directory: Path, name: Any, prefix: str) -> Path:
 
 
 def _load_pipeline(directory: Path, manifest: Dict[str, Any], trusted, device):
-    import skops.io as sio
     from sklearn.pipeline import Pipeline
 
     steps = []
@@ -338,13 +616,7 @@ def _load_pipeline(directory: Path, manifest: Dict[str, Any], trusted, device):
         if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
             raise ValueError(f"{directory / info['file']} does not match the checksum in "
                              f"{_MANIFEST}: the file is corrupt or was replaced.")
-        types = sio.get_untrusted_types(data=blob)
-        bad = [t for t in types if t.split(".")[0] not in _SAFE_PACKAGES
-               and not any(t == x or t.startswith(x + ".") for x in trusted)]
-        if bad:
-            raise UntrustedTypeError(f"{directory / info['file']} contains types outside the "
-                                     f"trusted packages: {bad}; pass trusted=[...] to allow them.")
-        steps = list(sio.loads(blob, trusted=types).steps)
+        steps = list(_skops_loads(directory / info["file"], blob, trusted).steps)
     final = manifest.get("final") or {}
     estimator = load(_safe_name(directory, final.get("dir"), "estimator-"), trusted, device)
     return Pipeline(steps + [(final.get("name", "model"), estimator)])
@@ -355,19 +627,11 @@ def _load_pipeline(directory: Path, manifest: Dict[str, Any], trusted, device):
 
 def _save_ensemble(ens, directory: Path) -> Path:
     import shutil
-    import uuid
-
-    import skops.io as sio
 
     directory.mkdir(parents=True, exist_ok=True)
     params = {k: v for k, v in ens.get_params(deep=False).items()
               if k not in ("estimator", "meta_estimator", "configs")}
-    tag = uuid.uuid4().hex[:8]
-    members = []
-    for i, member in enumerate(ens.members_):
-        name = f"member-{tag}-{i}"
-        save(member, directory / name)
-        members.append(name)
+    members = [_save_content_named(member, directory, "member") for member in ens.members_]
     manifest: Dict[str, Any] = {
         "format": "nnpipe", "format_version": FORMAT_VERSION, "class": type(ens).__name__,
         "params": {k: _encode(k, v) for k, v in params.items()},
@@ -378,7 +642,7 @@ def _save_ensemble(ens, directory: Path) -> Path:
             "member_seeds_": ens.member_seeds_}, default=_json_default)),
     }
     if getattr(ens, "meta_", None) is not None:
-        blob = sio.dumps(ens.meta_)
+        blob = _stable_skops(ens.meta_)
         digest = hashlib.sha256(blob).hexdigest()
         name = f"meta-{digest[:16]}.skops"
         atomic_write_bytes(directory / name, blob)
@@ -393,8 +657,6 @@ def _save_ensemble(ens, directory: Path) -> Path:
 
 
 def _load_ensemble(directory: Path, manifest: Dict[str, Any], trusted, device):
-    import skops.io as sio
-
     from . import ensemble
 
     cls = getattr(ensemble, manifest["class"])
@@ -414,9 +676,5 @@ def _load_ensemble(directory: Path, manifest: Dict[str, Any], trusted, device):
         blob = _safe_name(directory, info.get("file"), "meta-").read_bytes()
         if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
             raise ValueError(f"{directory / info['file']} does not match its checksum.")
-        types = sio.get_untrusted_types(data=blob)
-        bad = [t for t in types if t.split(".")[0] not in _SAFE_PACKAGES]
-        if bad:
-            raise UntrustedTypeError(f"{directory / info['file']} contains untrusted types {bad}.")
-        ens.meta_ = sio.loads(blob, trusted=types)
+        ens.meta_ = _skops_loads(directory / info["file"], blob, trusted)
     return ens

@@ -116,13 +116,14 @@ def _epochs(rows: Sequence[Mapping]) -> np.ndarray:
 
 
 def learning_curves(history_rows: Iterable[Mapping], path: PathLike,
-                    title: Optional[str] = None) -> str:
-    """Plot train and valid loss per epoch, valid accuracy on a twin axis, the final gap marked.
+                    title: Optional[str] = None, findings: Optional[Sequence[Any]] = None) -> str:
+    """Plot train and valid loss per epoch, valid accuracy on a twin axis, the gap marked.
 
     The area between the train and valid loss is shaded, and at the last epoch having both the
-    gap ``valid_loss - train_loss`` is drawn as an arrow with its value. ``valid_acc`` (when
-    present) goes on a right-hand axis; ``lr`` (when present and not constant) on a small
-    log-scale panel below. Missing keys or ``None`` values leave holes, not errors.
+    gap ``valid_loss - train_loss`` is drawn as an arrow with its value; the largest gap, when
+    it is elsewhere, is labelled too. ``valid_acc`` (when present) goes on a right-hand axis;
+    ``lr`` (when present and not constant) on a small log-scale panel below. Missing keys or
+    ``None`` values leave holes, not errors.
 
     Parameters
     ----------
@@ -134,6 +135,10 @@ def learning_curves(history_rows: Iterable[Mapping], path: PathLike,
         Image file to write; parent folders are created.
     title : str, optional
         Figure title, default ``"Learning curves"``.
+    findings : list of nnpipe.diagnostics.Finding, optional
+        Marked on the plot: a dotted line labelled with the code at each finding's epoch
+        (red for errors, orange for warnings, grey for info); findings of the whole run
+        (``epoch=None``) are listed in the corner.
 
     Returns
     -------
@@ -143,10 +148,13 @@ def learning_curves(history_rows: Iterable[Mapping], path: PathLike,
     Examples
     --------
     >>> import os, tempfile
+    >>> from nnpipe.diagnostics import diagnose
     >>> rows = [{"epoch": 1, "train_loss": 1.0, "valid_loss": 1.1, "valid_acc": 0.5},
-    ...         {"epoch": 2, "train_loss": 0.5, "valid_loss": 0.7, "valid_acc": 0.7}]
+    ...         {"epoch": 2, "train_loss": 0.5, "valid_loss": 0.7, "valid_acc": 0.7},
+    ...         {"epoch": 3, "train_loss": 0.2, "valid_loss": 0.9, "valid_acc": 0.6}]
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     out = learning_curves(rows, os.path.join(tmp, "plots", "curves.png"))
+    ...     out = learning_curves(rows, os.path.join(tmp, "plots", "curves.png"),
+    ...                           findings=diagnose(rows))
     ...     os.path.getsize(out) > 0
     True
     """
@@ -184,6 +192,16 @@ def learning_curves(history_rows: Iterable[Mapping], path: PathLike,
         ax.annotate(f"gap {gap:+.3g}", xy=(epoch[last], (train[last] + valid[last]) / 2),
                     xytext=(-6, 0), textcoords="offset points", ha="right", va="center",
                     fontsize=9, color="0.25")
+        gaps = np.where(both, valid - train, -np.inf)
+        peak = int(np.argmax(gaps))
+        if peak != last and gaps[peak] > max(gap, 0):
+            ax.annotate("", xy=(epoch[peak], valid[peak]), xytext=(epoch[peak], train[peak]),
+                        arrowprops={"arrowstyle": "<->", "color": "0.5", "lw": 0.8, "ls": "--"})
+            ax.annotate(f"max gap {gaps[peak]:+.3g}",
+                        xy=(epoch[peak], (train[peak] + valid[peak]) / 2), xytext=(-6, 0),
+                        textcoords="offset points", ha="right", va="center", fontsize=8,
+                        color="0.4")
+    _mark_findings(ax, findings)
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     if not np.isnan(acc).all():
@@ -204,6 +222,34 @@ def learning_curves(history_rows: Iterable[Mapping], path: PathLike,
     else:
         ax.set_xlabel("epoch")
     return _save(fig, path)
+
+
+_SEVERITY_COLORS = {"error": "C3", "warning": "C1", "info": "0.45"}
+
+
+def _mark_findings(ax: Any, findings: Optional[Sequence[Any]]) -> None:
+    """Dotted lines at the findings' epochs, labelled with their codes; the rest in a corner."""
+    if findings is None:
+        return
+    if isinstance(findings, (str, bytes, Mapping)):
+        raise invalid_value("findings", findings, "a list of nnpipe.diagnostics.Finding")
+    loose = []
+    for i, f in enumerate(findings):
+        if not all(hasattr(f, a) for a in ("code", "severity", "epoch")):
+            raise ValueError(f"findings must be a list of nnpipe.diagnostics.Finding, got "
+                             f"{type(f).__name__} at position {i}.")
+        color = _SEVERITY_COLORS.get(f.severity, "0.45")
+        if f.epoch is None:
+            loose.append(f"{f.severity}: {f.code}")
+            continue
+        ax.axvline(f.epoch, color=color, ls=":", lw=1.5)
+        ax.annotate(f.code, xy=(f.epoch, 0.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, 3), textcoords="offset points", rotation=90, ha="left",
+                    va="bottom", fontsize=8, color=color)
+    if loose:
+        ax.text(0.99, 0.97, "\n".join(loose), transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color="0.2", bbox={"boxstyle": "round", "fc": "white", "ec": "0.7",
+                                               "alpha": 0.9})
 
 
 def learning_curves_table(history_rows: Iterable[Mapping], path: PathLike) -> str:

@@ -49,7 +49,31 @@ def _check_mode(owner: str, mode: Any, allowed: tuple, hint: str = "") -> None:
     raise ValueError(str(err) + did_you_mean(mode, allowed) + hint)
 
 
-def _safe_std(X: np.ndarray, axis: Optional[int] = None) -> tuple:
+def _too_large(owner: str, X: np.ndarray) -> ValueError:
+    big = float(np.max(np.abs(X))) if X.size else 0.0
+    return ValueError(f"{owner}: X has values too large for float64 arithmetic (max |x| = "
+                      f"{big:.3g}): the statistics overflow to inf. Scale X down first.")
+
+
+def _finite_stats(owner: str, X: np.ndarray, *stats) -> None:
+    """Raise if a statistic computed from ``X`` overflowed (values near the float64 limit)."""
+    if not all(np.isfinite(s).all() for s in stats):
+        raise _too_large(owner, X)
+
+
+def _output(owner: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``out`` in ``dtype``; a result beyond that dtype's range raises instead of becoming inf."""
+    if np.isfinite(out).all():
+        with np.errstate(over="ignore"):
+            cast = out.astype(dtype, copy=False)
+        if cast is out or np.isfinite(cast).all():
+            return cast
+    big = float(np.nanmax(np.abs(out))) if out.size else 0.0
+    raise ValueError(f"{owner}: the result has values too large for {np.dtype(dtype).name} "
+                     f"(max |value| = {big:.3g}): pass X as float64, or scale X down.")
+
+
+def _safe_std(X: np.ndarray, axis: Optional[int] = None, owner: str = "Standardizer") -> tuple:
     """Mean and std of float64 ``X``; a (numerically) constant slice gets std 1, never 0.
 
     A slice counts as constant when its variance is within floating-point noise of zero (the
@@ -57,11 +81,15 @@ def _safe_std(X: np.ndarray, axis: Optional[int] = None) -> tuple:
     """
     n = X.size if axis is None else X.shape[axis]
     keep = axis is not None
-    mean = X.mean(axis=axis, keepdims=keep)
-    var = ((X - mean) ** 2).mean(axis=axis, keepdims=keep)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = X.mean(axis=axis, keepdims=keep)
+        var = ((X - mean) ** 2).mean(axis=axis, keepdims=keep)
+    _finite_stats(owner, X, mean, var)
     eps = np.finfo(np.float64).eps
-    constant = var <= n * eps * var + (n * mean * eps) ** 2
-    std = np.where(constant, 1.0, np.sqrt(var))
+    sd = np.sqrt(var)
+    # var <= n*eps*var + (n*mean*eps)**2, in a form that cannot overflow for huge means
+    constant = sd <= np.hypot(np.sqrt(n * eps) * sd, n * eps * np.abs(mean))
+    std = np.where(constant, 1.0, sd)
     return mean, std
 
 
@@ -69,7 +97,10 @@ class _Base(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     """Shared plumbing: dtype-preserving validation (float64 compute, input float dtype out)."""
 
     def _validate(self, X: Any, reset: bool, copy: bool = False) -> np.ndarray:
-        X = validate_data(self, X, reset=reset, dtype=FLOAT_DTYPES, copy=copy)
+        # scikit-learn's finiteness check sums X first, which may overflow (and warn) for
+        # finite values near the float64 limit before it checks them one by one
+        with np.errstate(over="ignore", invalid="ignore"):
+            X = validate_data(self, X, reset=reset, dtype=FLOAT_DTYPES, copy=copy)
         return X if X.flags.writeable else X.copy()  # read-only input is never written to
 
     def __sklearn_tags__(self):
@@ -118,10 +149,12 @@ class Centerer(_Base):
         """Learn the mean (nothing but ``n_features_in_`` for ``mode="sample"``)."""
         _check_mode("Centerer", self.mode, self._MODES)
         X = self._validate(X, reset=True).astype(np.float64, copy=False)
-        if self.mode == "feature":
-            self.mean_ = X.mean(axis=0)
-        elif self.mode == "global":
-            self.mean_ = float(X.mean())
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.mode == "feature":
+                self.mean_ = X.mean(axis=0)
+            elif self.mode == "global":
+                self.mean_ = float(X.mean())
+        _finite_stats("Centerer", X, getattr(self, "mean_", 0.0))
         return self
 
     def transform(self, X: Any) -> np.ndarray:
@@ -129,18 +162,23 @@ class Centerer(_Base):
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         X64 = X.astype(np.float64, copy=False)
-        if self.mode == "sample":
-            out = X64 - X64.mean(axis=1, keepdims=True)
-        else:
-            out = X64 - self.mean_
-        return out.astype(X.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.mode == "sample":
+                mean = X64.mean(axis=1, keepdims=True)
+                _finite_stats("Centerer", X64, mean)
+                out = X64 - mean
+            else:
+                out = X64 - self.mean_
+        return _output("Centerer", out, X.dtype)
 
     @available_if(lambda self: self.mode in ("feature", "global"))
     def inverse_transform(self, X: Any) -> np.ndarray:
         """Add the training mean back (``mode`` "feature" or "global" only)."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        return (X.astype(np.float64, copy=False) + self.mean_).astype(X.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = X.astype(np.float64, copy=False) + self.mean_
+        return _output("Centerer", out, X.dtype)
 
 
 class Standardizer(_Base):
@@ -202,20 +240,22 @@ class Standardizer(_Base):
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         X64 = X.astype(np.float64, copy=False)
-        if self.mode == "sample":
-            mean, std = _safe_std(X64, axis=1)
-            out = (X64 - mean) / std
-        else:
-            out = (X64 - self.mean_) / self.scale_
-        return out.astype(X.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.mode == "sample":
+                mean, std = _safe_std(X64, axis=1)
+                out = (X64 - mean) / std
+            else:
+                out = (X64 - self.mean_) / self.scale_
+        return _output("Standardizer", out, X.dtype)
 
     @available_if(lambda self: self.mode == "global")
     def inverse_transform(self, X: Any) -> np.ndarray:
         """Undo global standardization (``mode="global"`` only)."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        out = X.astype(np.float64, copy=False) * self.scale_ + self.mean_
-        return out.astype(X.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = X.astype(np.float64, copy=False) * self.scale_ + self.mean_
+        return _output("Standardizer", out, X.dtype)
 
 
 class ZCAWhitener(_Base):
@@ -289,9 +329,13 @@ class ZCAWhitener(_Base):
                 "a finite float > 0 (it keeps zero-variance directions finite)",
             )
         X = self._validate(X, reset=True, copy=self.copy).astype(np.float64, copy=False)
-        self.mean_ = X.mean(axis=0)
-        X -= self.mean_
-        cov = (X.T @ X) / max(X.shape[0] - 1, 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = X.mean(axis=0)
+            _finite_stats("ZCAWhitener", X, mean)
+            X -= mean
+            cov = (X.T @ X) / max(X.shape[0] - 1, 1)
+        _finite_stats("ZCAWhitener", X, cov)  # eigh would fail on inf / NaN
+        self.mean_ = mean
         lam, U = np.linalg.eigh((cov + cov.T) / 2)
         lam = np.clip(lam, 0.0, None)
         self.eigenvalues_ = lam
@@ -305,15 +349,18 @@ class ZCAWhitener(_Base):
         check_is_fitted(self)
         X = self._validate(X, reset=False, copy=self.copy)
         X64 = X.astype(np.float64, copy=False)
-        X64 -= self.mean_
-        return (X64 @ self.whitening_).astype(X.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            X64 -= self.mean_
+            out = X64 @ self.whitening_
+        return _output("ZCAWhitener", out, X.dtype)
 
     def inverse_transform(self, X: Any) -> np.ndarray:
         """Map whitened data back: ``X @ dewhitening_ + mean_``."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        out = X.astype(np.float64, copy=False) @ self.dewhitening_ + self.mean_
-        return out.astype(X.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = X.astype(np.float64, copy=False) @ self.dewhitening_ + self.mean_
+        return _output("ZCAWhitener", out, X.dtype)
 
 
 PREPROCESSOR_REGISTRY = Registry("make_preprocessor: name", "a scikit-learn transformer instance")

@@ -112,9 +112,12 @@ def plateau(optimizer, ctx: ScheduleContext, factor=0.5, patience=5, monitor="va
 @_schedule("onecycle")
 def onecycle(optimizer, ctx: ScheduleContext, max_lr=None, pct_start=0.3, div_factor=25.0,
              final_div_factor=1e4):
-    max_lr = optimizer.param_groups[0]["lr"] if max_lr is None else max_lr
-    _positive("max_lr", max_lr)
-    return torch_sched.OneCycleLR(optimizer, max_lr=max_lr, total_steps=ctx.total_steps,
+    if max_lr is not None:
+        _positive("max_lr", max_lr)
+    # one peak per param group, so per-group lr_multipliers keep their ratios
+    peaks = [g["lr"] if max_lr is None else max_lr * g.get("lr_multiplier", 1.0)
+             for g in optimizer.param_groups]
+    return torch_sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=ctx.total_steps,
                                   pct_start=pct_start, div_factor=div_factor,
                                   final_div_factor=final_div_factor), "batch"
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ._registry import Registry, invalid_value
+from .reliability import LEASE_ATTR, RETRY_ATTR, WorkerLease, fail_orphaned_trials
 
 __all__ = ["SAMPLERS", "PRUNERS", "METRICS", "parse_space", "suggest", "apply_overrides",
            "make_study", "run_search", "trials_table", "top_trials", "save_plots",
@@ -340,8 +341,8 @@ def storage_from_url(url: Optional[str], journal: os.PathLike):
         return JournalStorage(JournalFileBackend(path))
     kwargs: Dict[str, Any] = {}
     if url.startswith("postgresql"):
+        # no Optuna heartbeat: nnpipe's workers hold leases (reliability.WorkerLease) instead
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
-        kwargs["heartbeat_interval"], kwargs["grace_period"] = 10, 30
     import time
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -492,7 +493,8 @@ def _counts(study, include_failed: bool = False) -> Tuple[int, int]:
 
     trials = study.get_trials(deepcopy=False)
     done = (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.FAIL,) if include_failed else ())
-    finished = sum(t.state in done for t in trials)
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}  # a killed trial's retry stands in
+    finished = sum(t.state in done and t.number not in retried for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
     return finished, running
 
@@ -551,42 +553,70 @@ def optimize(study, objective: Callable, settings: SearchSettings, journal: os.P
     """Run trials until ``n_trials`` have finished (COMPLETE or PRUNED; resumed ones count) or
     ``timeout`` passes. A trial that diverges or raises ends FAIL with the reason in its
     ``fail_reason`` attribute and the study goes on; ``max_failures`` failures in a row stop it
-    with an error (the configuration space is broken, not one trial)."""
+    with an error (the configuration space is broken, not one trial).
+
+    The worker holds a :class:`~nnpipe.reliability.WorkerLease` while it runs; before each new
+    trial, trials left RUNNING by a worker that died (``kill -9``, a lost machine) end FAIL and
+    are retried once with the same parameters, so the budget still counts finished trials."""
     import time
 
-    import optuna
+    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+    with WorkerLease(settings.storage, journal) as lease:
+        _optimize(study, objective, settings, journal, progress, max_failures, deadline, lease)
+
+
+def _optimize(study, objective, settings, journal, progress, max_failures, deadline, lease):
+    import time
+
     from optuna.trial import TrialState
 
-    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     budget, failures = _budget(settings), 0
     while deadline is None or time.monotonic() < deadline:
         with _BudgetLock(settings, journal):
+            fail_orphaned_trials(study, lease)  # trials of killed workers: FAIL, retried once
             # a grid visits each point once, failed or not
             finished, running = _counts(study, include_failed=settings.sampler == "grid")
             if finished + running >= budget:
                 return
             trial = study.ask()
+            trial.set_user_attr(LEASE_ATTR, lease.id)
         try:
-            value = objective(trial)
-        except optuna.TrialPruned as exc:
-            trial.set_user_attr("prune_reason", str(exc))
-            frozen = study.tell(trial, state=TrialState.PRUNED)
-        except Exception as exc:  # noqa: BLE001 - recorded on the trial, the study goes on
-            if "fail_reason" not in trial.user_attrs:
-                trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-            frozen = study.tell(trial, state=TrialState.FAIL)
-        except BaseException:
-            trial.set_user_attr("fail_reason", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        else:
-            frozen = study.tell(trial, value)
+            frozen = _run_trial(study, trial, objective)
+        except Exception:
+            if not study._storage.get_trial(trial._trial_id).state.is_finished():
+                raise
+            # another worker judged this one dead (its lease was lost, e.g. the database
+            # restarted) and failed the trial; its retry runs elsewhere
+            print(f"[search] trial {trial.number}: taken over by another worker (this worker's "
+                  "lease was lost); going on", flush=True)
+            continue
         failures = failures + 1 if frozen.state == TrialState.FAIL else 0
         if progress is not None:
             progress(frozen)
         if failures >= max_failures:
             raise RuntimeError(f"search: {failures} trials failed in a row; the last one: "
                                f"{frozen.user_attrs.get('fail_reason')}")
+
+
+def _run_trial(study, trial, objective):
+    """Run one trial and tell the storage how it ended; return the frozen trial."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned as exc:
+        trial.set_user_attr("prune_reason", str(exc))
+        return study.tell(trial, state=TrialState.PRUNED)
+    except Exception as exc:  # noqa: BLE001 - recorded on the trial, the study goes on
+        if "fail_reason" not in trial.user_attrs:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+        return study.tell(trial, state=TrialState.FAIL)
+    except BaseException:
+        trial.set_user_attr("fail_reason", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    return study.tell(trial, value)
 
 
 def _print_trial(trial) -> None:
@@ -676,6 +706,7 @@ def trials_table(study) -> List[Dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name, "value": t.value,
                      "duration_s": duration, "epochs": t.user_attrs.get("epochs"),
                      "reason": t.user_attrs.get("fail_reason", ""),
+                     "retry_of": t.user_attrs.get(RETRY_ATTR),
                      **{f"params.{k}": v for k, v in t.params.items()}})
     return rows
 

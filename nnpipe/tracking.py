@@ -30,6 +30,7 @@ import getpass
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -202,6 +203,9 @@ def _param_value(value: Any) -> Any:
     return _truncate(text, PARAM_VALUE_LIMIT)
 
 
+_PARAM_KEY = re.compile(r"[\w\-. :/]+")  # the characters MLflow allows in a param name
+
+
 def flatten(mapping: Mapping[str, Any], sep: str = ".") -> Dict[str, Any]:
     """Flatten nested dicts into MLflow params: ``{"a": {"lr": 1e-3}}`` -> ``{"a.lr": 1e-3}``.
 
@@ -219,6 +223,12 @@ def flatten(mapping: Mapping[str, Any], sep: str = ".") -> Dict[str, Any]:
     --------
     >>> flatten({"train": {"lr": 0.001, "layers": [64, 32]}, "seed": 0})
     {'train.lr': 0.001, 'train.layers': '[64, 32]', 'seed': 0}
+
+    A mapping with a key MLflow would refuse in a param name (only letters, digits, ``_-. :/``)
+    becomes its JSON text:
+
+    >>> flatten({"train": {"lr_multipliers": {"hidden.*": 0.1}}})
+    {'train.lr_multipliers': '{"hidden.*": 0.1}'}
     """
     if not isinstance(mapping, Mapping):
         raise invalid_value("mapping", mapping, "a dict (nested dicts are flattened)")
@@ -227,11 +237,12 @@ def flatten(mapping: Mapping[str, Any], sep: str = ".") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping) and value and all(
+                isinstance(k, str) and _PARAM_KEY.fullmatch(k) for k in value):
             for key, sub in value.items():
                 walk(f"{prefix}{sep}{key}" if prefix else str(key), sub)
-        elif isinstance(value, Mapping):
-            out[prefix] = "{}"
+        elif isinstance(value, Mapping):  # empty, or keys MLflow refuses ("hidden.*"): as JSON
+            out[prefix] = _param_value(json.dumps(value, default=str)) if value else "{}"
         else:
             out[prefix] = _param_value(value)
 
@@ -329,7 +340,29 @@ def _is_http(uri: str) -> bool:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("postgresql"):
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates its tables on first use, and its migrations are not safe to run twice at
+    # once: trackers starting together on a new database take turns (an advisory lock, which
+    # the server drops if this process dies)
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({_SCHEMA_LOCK})"))
+            try:
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)  # creates or upgrades the tables
+            finally:
+                conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({_SCHEMA_LOCK})"))
+    finally:
+        engine.dispose()
+    return client
+
+
+_SCHEMA_LOCK = 0x6E6E6D66  # "nnmf": the advisory lock key for MLflow's schema creation
 
 
 def _experiment_id(client, uri: str, name: str) -> str:
@@ -419,6 +452,7 @@ class _Tree:
         self._fh = None
         self._env: Dict[str, str] = {}
         self._write_failed = False
+        self._kept = 0
 
     @property
     def timeout_is_ours(self) -> bool:
@@ -455,6 +489,32 @@ class _Tree:
             f"{self.file}. Replay it once the tracking store is reachable with `python -m "
             f"nnpipe.tracking sync --outbox {self.outbox} --uri {self.uri}`.",
             TrackingWarning, stacklevel=4)
+
+    def keep(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """``record`` with its artifact or model files copied into the outbox.
+
+        The sync may come much later, and the logged path may be gone or hold something else by
+        then: a stage logs files from its staging folder, which is moved into place when the
+        stage succeeds, and the next run of the stage replaces its outputs.
+        """
+        if record.get("type") not in ("artifact", "model"):
+            return record
+        source = Path(record["path"])
+        with self.lock:
+            self._kept += 1
+            copy = self.outbox / self.file.stem / str(self._kept) / source.name
+        try:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, copy)
+            else:
+                shutil.copy2(source, copy)
+        except OSError as exc:
+            warnings.warn(f"nnpipe.tracking: cannot copy {source} into the tracking outbox "
+                          f"({_short(exc)}); the sync will upload {source} as it is then.",
+                          TrackingWarning, stacklevel=5)
+            return record
+        return {**record, "path": str(copy)}
 
     def append(self, record: Dict[str, Any]) -> None:
         line = json.dumps({"v": _OUTBOX_FORMAT, **record}, default=str)
@@ -824,7 +884,7 @@ class Tracker:
         if record is not None:
             with tree.lock:
                 self._ensure_recorded()
-                tree.append({**record, "run": self.key})
+                tree.append({**tree.keep(record), "run": self.key})
         return None
 
     def _ensure_recorded(self) -> None:
@@ -986,6 +1046,11 @@ class _Replay:
                    lambda: _log_batch(self.client, run_id, params=rec.get("params") or {}))
         self._soft("tags", lambda: _log_batch(self.client, run_id, tags=tags))
 
+    def _has_model(self, run_id: str, name: str) -> bool:
+        found = self.client.search_logged_models([self.experiments[run_id]],
+                                                 filter_string=f"source_run_id = '{run_id}'")
+        return any(m.name == name and str(m.status) == "READY" for m in found)
+
     def _run_id(self, key: str) -> str:
         if key not in self.runs:
             raise ValueError(f"{self.path}: a record refers to run {key!r} before its 'run' "
@@ -1023,9 +1088,11 @@ class _Replay:
                 warnings.warn(f"{self.path}: model directory {path} no longer exists; skipped.",
                               TrackingWarning, stacklevel=3)
                 return
-            _log_pyfunc(self.client, self.uri, run_id, self.experiments[run_id], path,
-                        rec.get("name") or "model", self.params[rec["run"]],
-                        rec.get("kwargs") or {}, self.timeout_is_ours)
+            name = rec.get("name") or "model"
+            if self._has_model(run_id, name):  # an earlier sync was stopped after logging it
+                return
+            _log_pyfunc(self.client, self.uri, run_id, self.experiments[run_id], path, name,
+                        self.params[rec["run"]], rec.get("kwargs") or {}, self.timeout_is_ours)
         elif kind == "end":
             self.client.set_terminated(run_id, rec.get("status", "FINISHED"), rec.get("end_time"))
             self.ended.add(rec["run"])
@@ -1091,6 +1158,7 @@ def sync_outbox(outbox: PathLike = DEFAULT_OUTBOX, uri: Optional[str] = None) ->
                     raise RuntimeError(f"could not sync {path} to {uri} ({_short(exc)}); the file "
                                        "is kept: run the sync again later.") from exc
                 path.unlink()
+                shutil.rmtree(path.with_suffix(""), ignore_errors=True)  # kept files, if any
                 synced += len(replay.runs)
     finally:
         _restore_env(changed)

@@ -1,14 +1,17 @@
-"""Transfer learning: copy layers from a saved or fitted nnpipe model into a new network."""
+"""Transfer learning: copy layers from a saved or fitted nnpipe model into a new network, and
+train them at their own pace (per-layer-group learning rates)."""
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
-from typing import Any, Iterable, List, Optional
+from numbers import Real
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["transfer_weights"]
+__all__ = ["transfer_weights", "check_lr_multipliers", "lr_multiplier_groups"]
 
 
 def _source_state(source: Any):
@@ -67,3 +70,86 @@ def transfer_weights(module: nn.Module, source: Any,
     dst.update({k: src[k].to(dst[k].device) for k in names})
     module.load_state_dict(dst)
     return names
+
+
+# --------------------------------------------------------------------------- per-group lr
+
+
+def check_lr_multipliers(multipliers: Any, names: Optional[Sequence[str]] = None) -> None:
+    """Check ``lr_multipliers``: a mapping of fnmatch patterns to finite factors >= 0.
+
+    With ``names`` (the network's parameter names) every pattern must match one of them.
+
+    Examples
+    --------
+    >>> check_lr_multipliers({"hidden.*": 0.1}, ["hidden.1.weight", "output.weight"])
+    >>> check_lr_multipliers({"hiden.*": 0.1}, ["hidden.1.weight", "output.weight"])
+    Traceback (most recent call last):
+    ...
+    ValueError: lr_multipliers pattern 'hiden.*' matches no parameter of the network; its parameters are ['hidden.1.weight', 'output.weight'].
+    """
+    if multipliers is None:
+        return
+    if not isinstance(multipliers, Mapping) or not multipliers:
+        raise ValueError(f"lr_multipliers must be None or a non-empty mapping of parameter-name "
+                         f"patterns to factors, e.g. {{'hidden.*': 0.1}}, got {multipliers!r}.")
+    for pattern, factor in multipliers.items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"lr_multipliers keys must be parameter-name patterns (str), got "
+                             f"{pattern!r}.")
+        ok = isinstance(factor, Real) and not isinstance(factor, bool)
+        try:
+            ok = ok and math.isfinite(factor) and factor >= 0
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise ValueError(f"lr_multipliers: the factor for {pattern!r} must be a finite "
+                             f"number >= 0 (it multiplies lr), got {factor!r}.")
+        if names is not None and not any(fnmatch.fnmatch(n, pattern) for n in names):
+            raise ValueError(f"lr_multipliers pattern {pattern!r} matches no parameter of the "
+                             f"network; its parameters are {list(names)}.")
+
+
+def lr_multiplier_groups(groups: List[Dict[str, Any]], named_parameters: Iterable[Tuple[str, Any]],
+                         multipliers: Mapping[str, float], lr: float) -> List[Dict[str, Any]]:
+    """Split optimizer parameter groups so each parameter trains at its group's lr x factor.
+
+    A parameter takes the factor of the first pattern (in ``multipliers`` order) its name
+    matches, 1 otherwise. Every resulting group records its factor as ``"lr_multiplier"``; torch
+    schedulers act per group (``base_lrs``), so a schedule keeps the ratios between groups.
+
+    Parameters
+    ----------
+    groups : list of dict
+        The groups skorch built (``optimizer__param_groups`` applied), each with ``"params"``
+        and possibly its own ``"lr"``.
+    named_parameters : iterable of (name, parameter)
+    multipliers : mapping of str to float
+    lr : float
+        The optimizer's lr, for groups that set none.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    >>> out = lr_multiplier_groups([{"params": list(net.parameters())}],
+    ...                            net.named_parameters(), {"0.*": 0.1}, lr=0.01)
+    >>> [(len(g["params"]), g["lr"], g["lr_multiplier"]) for g in out]
+    [(2, 0.01, 1.0), (2, 0.001, 0.1)]
+    """
+    check_lr_multipliers(multipliers)
+    names = {id(p): n for n, p in named_parameters}
+    patterns = list(multipliers.items())
+    out = []
+    for group in groups:
+        base = group.get("lr", lr)
+        by_factor: Dict[float, list] = {}
+        for param in group["params"]:
+            name = names.get(id(param), "")
+            factor = next((float(f) for pat, f in patterns if fnmatch.fnmatch(name, pat)), 1.0)
+            by_factor.setdefault(factor, []).append(param)
+        # the unscaled group first: schedules and the history read param_groups[0]["lr"]
+        for factor in sorted(by_factor, key=lambda f: f != 1.0):
+            out.append({**group, "params": by_factor[factor], "lr": base * factor,
+                        "lr_multiplier": factor})
+    return out

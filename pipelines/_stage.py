@@ -34,7 +34,10 @@ class Outputs:
         """Where to write ``target`` now; it appears at ``target`` only if the stage succeeds."""
         target = Path(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        prefix = f".{target.name}.staging-"
+        for stale in target.parent.glob(prefix + "*"):  # left by a run that was killed (-9)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         staged = tmp / target.name
         if is_dir:
             staged.mkdir()

@@ -13,6 +13,7 @@ import numpy as np
 
 from nnpipe.cv import cross_validate_model
 from nnpipe.data import read_dataset
+from nnpipe.diagnostics import diagnose, format_findings
 
 from ._stage import best_config, log_history, run, tracker_for
 
@@ -34,10 +35,14 @@ def _body(args, cfg, outputs):
                                   verbose=cfg.train.get("verbose", 0))
 
         def on_fold(i, model, metrics):
+            findings = diagnose(model[-1].history)
             with tracker.child(f"fold-{i}", params={"fold": i}) as child:
                 log_history(child, model[-1].history)
                 child.log_metrics(metrics)
+                child.set_tags({"nnpipe.diagnostics": ",".join(f.code for f in findings) or "ok"})
             print(f"[cv] fold {i}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if findings:
+                print(format_findings(findings, prefix=f"[cv] fold {i} "), flush=True)
 
         result = cross_validate_model(pipe, ds.X_train, ds.y_train, task=ds.task,
                                       on_fold=on_fold, **cv)

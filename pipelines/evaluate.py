@@ -2,6 +2,10 @@
 
 Classification: accuracy, balanced accuracy, NLL, Brier, ECE (``evaluate.ece_bins`` bins), a
 per-class report, a confusion matrix and a reliability diagram. Regression: R2, RMSE, MAE.
+Always the model's fraction of exact zero weights (``sparsity``). With ``evaluate.prune``, also
+the model magnitude-pruned to that sparsity (optionally fine-tuned): its exact zeros and what it
+costs in accuracy / NLL (or RMSE). With ``evaluate.fold_batchnorm``, the model with batch norm
+folded: the largest prediction difference and the predict latency per sample before / after.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from nnpipe.data import read_dataset
 from nnpipe.metrics import classification_metrics, ece, per_class_report, regression_metrics
 from nnpipe.plots import (confusion_matrix_plot, reliability_diagram, save_calibration_csv,
                           save_confusion_csv)
+from nnpipe.sparsity import prune, sparsity_report
 
 from ._stage import run, tracker_for
 
@@ -55,7 +60,8 @@ def _body(args, cfg, outputs):
                 tracker.log_metrics({f"ensemble_{k}": v for k, v in result["ensemble"].items()})
             reliability_diagram(ds.y_test, curves, plots / "reliability.png", labels=classes,
                                 **bins)
-            outputs.json(args.metrics, result)
+            if ev.get("prune"):
+                result["pruned"] = _pruned_report(model, ds, ev["prune"], metrics, bins)
         else:
             metrics = regression_metrics(ds.y_test, model.predict(ds.X_test))
             result = dict(metrics)
@@ -67,10 +73,24 @@ def _body(args, cfg, outputs):
                                                               ensemble.predict(ds.X_test)),
                                "members": members,
                                "best_single": {"member": best, **members[best]}})
-            outputs.json(args.metrics, result)
-        tracker.log_metrics(metrics)
+            if ev.get("prune"):
+                result["pruned"] = _pruned_report(model, ds, ev["prune"], metrics, {})
+        result["sparsity"] = sparsity_report(model)["sparsity"]  # exact zeros (l1, pruning)
+        if ev.get("fold_batchnorm"):
+            result["folded"] = _folded_report(model, ds)
+            tracker.log_metrics({f"folded_{k}": v for k, v in result["folded"].items()})
+        outputs.json(args.metrics, result)
+        tracker.log_metrics({**metrics, "sparsity": result["sparsity"]})
+        if "pruned" in result:
+            tracker.log_metrics({f"pruned_{k}": v for k, v in result["pruned"].items()
+                                 if isinstance(v, (int, float))})
         tracker.log_artifacts(plots)
     print("[evaluate] " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if "pruned" in result:
+        p = result["pruned"]
+        cost = ("accuracy_cost", p["accuracy_cost"]) if "accuracy_cost" in p else \
+            ("rmse_cost", p["rmse_cost"])
+        print(f"[evaluate] pruned to {p['sparsity']:.1%} exact zeros: {cost[0]}={cost[1]:+.4f}")
     if ensemble is not None and "ensemble" in result:
         print("[evaluate] ensemble: " + ", ".join(
             f"{k}={v:.4f}" for k, v in result["ensemble"].items()))
@@ -82,6 +102,53 @@ def _metrics(y, proba, classes, bins):
     if bins:
         metrics["ece"] = ece(y, proba, labels=classes, **bins)
     return metrics
+
+
+def _folded_report(model, ds, repeats: int = 7):
+    """The model with batch norm folded (:func:`nnpipe.fold_batchnorm`): how far its predictions
+    are from the model's, and predict latency per sample before / after at batch 1 and 256
+    (medians of interleaved repeats)."""
+    import time
+
+    import numpy as np
+
+    from nnpipe import fold_batchnorm
+
+    folded = fold_batchnorm(model)
+    out = {"max_abs_diff": float(np.abs(_outputs(folded, ds.X_test) - _outputs(model, ds.X_test))
+                                 .max())}
+    for batch in (1, 256):
+        X = ds.X_test[:batch]
+        times = {"unfolded": [], "folded": []}
+        for _ in range(repeats):
+            for name, m in (("unfolded", model), ("folded", folded)):
+                start = time.perf_counter()
+                _outputs(m, X)
+                times[name].append((time.perf_counter() - start) / len(X))
+        for name, values in times.items():
+            out[f"{name}_us_per_sample_bs{batch}"] = float(np.median(values) * 1e6)
+    return out
+
+
+def _outputs(model, X):
+    return model.predict_proba(X) if hasattr(model, "classes_") else model.predict(X)
+
+
+def _pruned_report(model, ds, spec, dense, bins):
+    """Test metrics of the model pruned as ``evaluate.prune`` says (fine-tuned on the training
+    rows when ``fine_tune_epochs`` is set), its sparsity, and the cost against the dense model."""
+    sparse = prune(model, X=ds.X_train, y=ds.y_train, **spec)
+    report = sparsity_report(sparse)
+    out = {"sparsity": report["sparsity"], "zeros": report["zeros"], "weights": report["weights"],
+           "layer_sparsity": {k: v["sparsity"] for k, v in report["layers"].items()}}
+    if ds.task == "classification":
+        metrics = _metrics(ds.y_test, sparse.predict_proba(ds.X_test), list(model.classes_), bins)
+        out.update(metrics, accuracy_cost=dense["accuracy"] - metrics["accuracy"],
+                   nll_cost=metrics["nll"] - dense["nll"])
+    else:
+        metrics = regression_metrics(ds.y_test, sparse.predict(ds.X_test))
+        out.update(metrics, rmse_cost=metrics["rmse"] - dense["rmse"])
+    return out
 
 
 def _ensemble_report(ensemble, ds, classes, bins):

@@ -1,7 +1,9 @@
 """DVC stage ``train``: fit the configured pipeline (preprocessing + network) on the training set.
 
 Writes the fitted pipeline (``nnpipe.save``), per-epoch learning curves (CSV for ``dvc plots``,
-PNG for people) and ``metrics/train.json``; logs params, per-epoch metrics, artifacts and the
+PNG for people, with the train/validation gap and any diagnostics marked) and
+``metrics/train.json``; prints the diagnostics (:func:`nnpipe.diagnostics.diagnose`: exploding or
+flat loss, overfitting) and tags the MLflow run with them; logs params, per-epoch metrics, artifacts and the
 model (as an MLflow pyfunc model) to MLflow.
 """
 
@@ -11,6 +13,7 @@ import time
 
 from nnpipe import save
 from nnpipe.data import read_dataset
+from nnpipe.diagnostics import diagnose, format_findings
 from nnpipe.plots import learning_curves, learning_curves_table
 
 from ._stage import best_config, run, tracker_for
@@ -23,6 +26,8 @@ def _args(parser):
     parser.add_argument("--metrics", required=True, help="JSON metrics file")
     parser.add_argument("--curves", required=True, help="learning curves CSV (dvc plots)")
     parser.add_argument("--plot", required=True, help="learning curves PNG")
+    parser.add_argument("--pretrained", help="the pretrain stage's folder (used when "
+                                             "pretrain.enabled)")
 
 
 def fit_pipeline(cfg, ds, tracker, **overrides):
@@ -39,17 +44,30 @@ def fit_pipeline(cfg, ds, tracker, **overrides):
 def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
     cfg = best_config(cfg, args.best)
+    reuse = {}
+    if cfg.pretrain_enabled:
+        from nnpipe.pretrain import fine_tune_params
+
+        reuse = fine_tune_params(args.pretrained, **cfg.fine_tune_kwargs())
     with tracker_for(cfg, "train") as tracker:
-        pipe, seconds = fit_pipeline(cfg, ds, tracker)
+        pipe, seconds = fit_pipeline(cfg, ds, tracker, **reuse)
         net = pipe[-1]
+        if reuse:
+            print(f"[train] started from the pretrained encoder {args.pretrained}: "
+                  f"{len(net.transferred_)} tensors transferred ({reuse['transfer_layers']})")
         net.callbacks = None  # the MLflow logger lives in this process only
         history = net.history.to_list()
         model_dir = outputs.path(args.model, is_dir=True)
         save(pipe, model_dir)
         learning_curves_table(history, outputs.path(args.curves))
-        plot = learning_curves(history, outputs.path(args.plot))
+        findings = diagnose(history)
+        print(format_findings(findings, prefix="[train] "), flush=True)
+        plot = learning_curves(history, outputs.path(args.plot), findings=findings)
+        tracker.set_tags({"nnpipe.diagnostics": ",".join(f.code for f in findings) or "ok",
+                          "nnpipe.diagnostics.text": format_findings(findings)[:8000]})
         last = history[-1]
         metrics = {"epochs": len(history), "fit_seconds": round(seconds, 3),
+                   "transferred_tensors": len(getattr(net, "transferred_", None) or []),
                    **{k: float(last[k]) for k in ("train_loss", "valid_loss", "valid_acc")
                       if k in last}}
         outputs.json(args.metrics, metrics)

@@ -25,3 +25,27 @@ def blobs():
     y = rng.randint(0, 3, size=300)
     X = (centers[y] + rng.normal(size=(300, 8))).astype(np.float32)
     return X, y
+
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture
+def pg_url():
+    """The URL of a fresh, empty database on the local PostgreSQL server (so workers also race
+    to create Optuna's or MLflow's tables); dropped after the test. Skips without a server."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    name = f"nnpipe_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True,
+                                connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no server"
+        pytest.skip(f"no PostgreSQL server at 127.0.0.1:5432: {exc}")
+    try:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -41,6 +41,39 @@ BAD = [
     ({"preprocess": ["zcaa"]}, "Did you mean 'zca'?"),
     ({"tracking": {"enabled": "sometimes"}}, "tracking.enabled: input should be a valid boolean"),
     ([1, 2], "the file must be a mapping of sections"),
+    # routed parameters: checked against the component they go to, not at fit
+    ({"train": {"optimizer": "sgd", "optimizer__momentun": 0.9}},
+     "train.optimizer__momentun: is not a parameter of SGD; valid: ['optimizer__dampening'"),
+    ({"train": {"optimizer": "sgd", "optimizer__momentun": 0.9}}, "Did you mean 'momentum'?"),
+    ({"train": {"optimizer": "adam", "optimizer__momentum": 0.9}},
+     "train.optimizer__momentum: is not a parameter of Adam"),
+    ({"train": {"optimizer": "sgd", "optimizer__momentum": "high"}},
+     "train.optimizer__momentum: was rejected by SGD, got 'high'"),
+    ({"train": {"optimizer": "sgd", "optimizer__nesterov": True}},
+     "train.optimizer__nesterov: was rejected by SGD, got True: Nesterov momentum requires a "
+     "momentum"),
+    ({"train": {"optimizer": "adam", "optimizer__betas": [0.9]}},
+     "train.optimizer__betas: was rejected by Adam, got [0.9]"),
+    ({"train": {"criterion__label_smoothin": 0.1}},
+     "train.criterion__label_smoothin: is not a parameter of CrossEntropyLoss"),
+    ({"train": {"criterion__weight": ["a", "b"]}},
+     "train.criterion__weight: must be a list of numbers (one per class), got ['a', 'b']"),
+    ({"train": {"lr_schedule": "exponential", "lr_schedule__gamma": 0.9}},
+     "train.lr_schedule__gamma: is not a parameter of lr_schedule='exponential'; valid: "
+     "['lr_schedule__decay_rate', 'lr_schedule__decay_steps']"),
+    ({"train": {"lr_schedule": "plateau", "lr_schedule__factor": 2}},
+     "train.lr_schedule__factor: must be a float in (0, 1), got 2"),
+    ({"train": {"early_stopping": 5, "early_stopping__patince": 3}},
+     "train.early_stopping__patince: is not a parameter of early stopping"),
+    ({"train": {"early_stopping": True, "early_stopping__patience": "x"}},
+     "train.early_stopping__patience: was rejected by early stopping, got 'x': patience must "
+     "be an int >= 1"),
+    ({"train": {"early_stopping": "yes"}},
+     "train.early_stopping: must be None, a bool (True: patience 5) or the patience, an int >= 1"
+     ", got 'yes'"),
+    ({"train": {"early_stopping": 0}}, "train.early_stopping: must be None, a bool"),
+    ({"train": {"device": "tpu"}},
+     "train.device: must be a torch device: 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
 ]
 
 

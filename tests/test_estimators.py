@@ -294,11 +294,20 @@ def test_transfer_reuses_all_layers_but_the_output(blobs, tmp_path):
 def test_divergence_stops_at_once_and_leaves_no_nan_weights(blobs):
     X, y = blobs
     clf = NNClassifier(max_epochs=5, lr=1e6, optimizer="sgd", random_state=0)
-    with pytest.raises(DivergenceError, match="epoch 1") as info:
-        clf.fit(X, y)
-    assert info.value.epoch == 1 and not np.isfinite(info.value.loss)
+    with pytest.raises(DivergenceError, match="exploded to .* at epoch 1, batch 2") as info:
+        clf.fit(X, y)  # finite but > 1000x the first batch's loss: stopped before any NaN
+    start = clf.history[0]["batches"][0]["train_loss"]
+    assert info.value.epoch == 1 and info.value.loss > 1e3 * start == 1e3 * info.value.start
     for name, value in clf.module_.state_dict().items():
         assert torch.isfinite(value.float()).all(), name
+    clf.set_params(divergence_factor=None)  # only NaN / inf stop it now
+    with pytest.raises(DivergenceError, match="became nan at epoch 1") as info:
+        clf.fit(X, y)
+    assert not np.isfinite(info.value.loss) and info.value.start is None
+    for name, value in clf.module_.state_dict().items():
+        assert torch.isfinite(value.float()).all(), name
+    with pytest.raises(ValueError, match="divergence_factor must be a finite number > 1"):
+        clf.set_params(divergence_factor=0.5).fit(X, y)
 
 
 class _CtrlC(Callback):

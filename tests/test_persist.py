@@ -164,3 +164,45 @@ def test_pipeline_with_preprocessing_round_trips_without_pickle(digits, tmp_path
     assert len(list(tmp_path.glob("estimator-*"))) == 1
     assert len(list(tmp_path.glob("preprocess-*"))) == 1
     np.testing.assert_array_equal(load(tmp_path).predict_proba(Xte), pipe.predict_proba(Xte))
+
+
+def _tree(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_the_same_training_gives_the_same_bytes(blobs, tmp_path):
+    """DVC hashes a stage's outputs: an identical rerun must write identical files (no
+    wall-clock durations, no memory addresses, no zip timestamps, no random names), or every
+    rerun looks like a new model to the stages downstream."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from nnpipe.ensemble import EnsembleClassifier
+    from nnpipe.preprocessing import Standardizer, ZCAWhitener
+
+    X, y = blobs
+    builds = {
+        "net": lambda: NNClassifier(max_epochs=3, random_state=0).fit(X, y),
+        "pipeline": lambda: Pipeline([("std", Standardizer()), ("zca", ZCAWhitener()),
+                                      ("net", NNClassifier(max_epochs=2, random_state=0))]
+                                     ).fit(X, y),
+        "stacking ensemble": lambda: EnsembleClassifier(
+            NNClassifier(max_epochs=2), n_members=2, combine="stacking",
+            meta_estimator=LogisticRegression(), validation_fraction=0.25,
+            random_state=0).fit(X, y),
+    }
+    for name, build in builds.items():
+        first, second = build(), build()
+        save(first, tmp_path / name / "a")
+        save(second, tmp_path / name / "b")
+        a, b = _tree(tmp_path / name / "a"), _tree(tmp_path / name / "b")
+        assert a.keys() == b.keys(), name
+        for path in a:
+            assert a[path] == b[path], f"{name}: {path} differs"
+        np.testing.assert_array_equal(load(tmp_path / name / "a").predict_proba(X),
+                                      first.predict_proba(X))
+    manifest = json.loads((tmp_path / "net" / "a" / "model.json").read_text())
+    assert all("dur" not in row and all("dur" not in b for b in row["batches"])
+               for row in manifest["history"])
+    assert "train_loss" in manifest["history"][-1]

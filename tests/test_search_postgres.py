@@ -9,28 +9,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A fresh database on the server, so workers also race to create Optuna's tables."""
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    name = f"nnpipe_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = sqlalchemy.create_engine(PG, connect_args={"connect_timeout": 3},
-                                         isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"no PostgreSQL server at {PG}: {exc}")
-    yield PG.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
-
-
-def test_workers_on_postgres_finish_exactly_the_budget_with_no_trial_lost(postgres, tmp_path):
+def test_workers_on_postgres_finish_exactly_the_budget_with_no_trial_lost(pg_url, tmp_path):
     import optuna
     from optuna.trial import TrialState
 
@@ -42,7 +21,7 @@ def test_workers_on_postgres_finish_exactly_the_budget_with_no_trial_lost(postgr
         "model": {"module": "mlp", "module__hidden_sizes": [16]},
         "train": {"max_epochs": 2, "random_state": 0, "verbose": 0, "train_split": None},
         "search": {"enabled": True, "n_trials": 9, "folds": 2, "pruner": "none",
-                   "storage": postgres, "study_name": study_name,
+                   "storage": pg_url, "study_name": study_name,
                    "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2,
                                           "log": True}}},
         "tracking": {"enabled": False},
@@ -54,7 +33,7 @@ def test_workers_on_postgres_finish_exactly_the_budget_with_no_trial_lost(postgr
                for _ in range(3)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
-    study = optuna.load_study(study_name=study_name, storage=postgres)
+    study = optuna.load_study(study_name=study_name, storage=pg_url)
     trials = study.get_trials()
     assert len(trials) == 9
     assert sorted(t.number for t in trials) == list(range(9))

@@ -17,10 +17,12 @@ TINY = {
     "augment": None,  # dvc.yaml tracks every section: an unused one stays, empty
     "model": {"module": "mlp", "module__hidden_sizes": [32]},
     "train": {"max_epochs": 3, "lr": 0.01, "random_state": 0, "verbose": 0},
+    "pretrain": {"enabled": False},
     "search": {"enabled": False},
     "ensemble": {"enabled": True, "kind": "seeds", "n_members": 2, "n_jobs": 1},
     "cv": {"folds": 2, "random_state": 0},
-    "evaluate": {"ece_bins": 15},
+    "evaluate": {"ece_bins": 15, "prune": {"sparsity": 0.5, "fine_tune_epochs": 1},
+                 "fold_batchnorm": True},
     "tracking": {"enabled": True, "experiment": "tiny"},
 }
 

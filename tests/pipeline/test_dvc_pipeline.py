@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import TINY, sh, stage_env
+from .conftest import TINY, make_repo, sh, stage_env
 
 pytestmark = pytest.mark.slow
 
 
 def test_repro_runs_every_stage_and_writes_the_declared_outputs(tiny_repo):
     repo, proc = tiny_repo
-    for stage in ("prepare", "search", "train", "ensemble", "cv", "evaluate"):
+    for stage in ("prepare", "search", "pretrain", "train", "ensemble", "cv", "evaluate"):
         assert f"Running stage '{stage}'" in proc.stdout
     assert json.loads((repo / "search/best_params.json").read_text()) == {}
+    assert json.loads((repo / "models/pretrained/disabled.json").read_text()) == {"enabled": False}
+    assert json.loads((repo / "metrics/train.json").read_text())["transferred_tensors"] == 0
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert len(ev["members"]) == 2 and ev["best_single"]["member"] in (0, 1)
     assert ev["ensemble"]["nll"] <= max(m["nll"] for m in ev["members"])
@@ -32,6 +34,14 @@ def test_repro_runs_every_stage_and_writes_the_declared_outputs(tiny_repo):
         assert (repo / out).exists(), out
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert {"accuracy", "nll", "brier", "ece"} <= set(ev) and ev["accuracy"] > 0.85
+    assert ev["sparsity"] == 0.0  # a dense model: no exact zeros
+    pruned = ev["pruned"]  # evaluate.prune: half the weights zeroed, then one fine-tune epoch
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert pruned["accuracy_cost"] == pytest.approx(ev["accuracy"] - pruned["accuracy"])
+    assert pruned["accuracy"] > 0.8
+    folded = ev["folded"]  # the tiny MLP has no batch norm: folding is a no-op, same outputs
+    assert folded["max_abs_diff"] == 0.0
+    assert folded["folded_us_per_sample_bs256"] > 0 and folded["unfolded_us_per_sample_bs1"] > 0
     cv = json.loads((repo / "metrics/cv.json").read_text())
     assert len(cv["folds"]) == 2 and 0 < cv["std"]["accuracy"] < 0.1
     oof = np.load(repo / "models/cv_oof.npz")
@@ -51,7 +61,7 @@ def test_second_repro_runs_nothing_and_an_evaluate_key_reruns_only_evaluate(tiny
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = sh("dvc repro", repo, env=env)
     assert "Running stage 'evaluate'" in changed.stdout
-    for stage in ("prepare", "search", "train", "ensemble", "cv"):
+    for stage in ("prepare", "search", "pretrain", "train", "ensemble", "cv"):
         assert f"Running stage '{stage}'" not in changed.stdout
 
 
@@ -120,15 +130,20 @@ def test_exp_run_with_a_set_param(tiny_repo):
 
 def test_interrupted_stage_exits_nonzero_and_leaves_no_output(tiny_repo, tmp_path):
     repo, _ = tiny_repo
-    params = dict(TINY, train={**TINY["train"], "max_epochs": 500}, tracking={"enabled": False})
+    # far too long to end before the signal (the tiny MLP does about 50 epochs a second)
+    params = dict(TINY, train={**TINY["train"], "max_epochs": 100_000},
+                  tracking={"enabled": False})
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "pipelines.train", "--params", str(tmp_path / "p.yaml"),
            "--data", "data/prepared", "--model", str(out), "--metrics", str(tmp_path / "m.json"),
            "--curves", str(tmp_path / "c.csv"), "--plot", str(tmp_path / "c.png")]
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        # SIGINT's default action, as a terminal gives it: a CI runner may start the suite
+        # with SIGINT ignored, and an ignored signal stays ignored across exec
         proc = subprocess.Popen(cmd, cwd=repo, env=stage_env(repo), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(8)  # imports, data, a few epochs
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
@@ -232,3 +247,31 @@ def test_enabling_the_search_feeds_its_best_params_to_train_and_cv(tiny_repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     again = sh("dvc repro search", repo, env=stage_env(repo))
     assert again.stdout.count("[search] trial") == 1
+
+
+def test_repro_with_pretraining_trains_from_the_pretrained_encoder(tmp_path):
+    """20% of the training labels kept; the encoder, pretrained on all 1347 training rows and
+    kept frozen, reaches the saved classifier unchanged."""
+    import nnpipe
+
+    params = dict(TINY, data={**TINY["data"], "label_fraction": 0.2},
+                  pretrain={"enabled": True, "noise": "mask", "noise_level": 0.2,
+                            "max_epochs": 3, "random_state": 0, "freeze": True},
+                  ensemble={"enabled": False}, tracking={"enabled": False})
+    repo = make_repo(tmp_path / "repo", params)
+    proc = sh("dvc repro train", repo, env=stage_env(repo))
+    assert "Running stage 'pretrain'" in proc.stdout
+    meta = json.loads((repo / "data/prepared/meta.json").read_text())
+    assert (meta["n_train"], meta["n_unlabeled"]) == (269, 1078)  # 20% of 1347 labels kept
+    pre = nnpipe.load(repo / "models/pretrained")
+    assert type(pre).__name__ == "Pretrainer" and len(pre.history) == 3
+    assert pre.n_features_in_ == 64 and pre.encoder_patterns() == ["hidden.*"]
+    assert ("[train] started from the pretrained encoder models/pretrained: 2 tensors "
+            "transferred (['hidden.*'])") in proc.stdout
+    assert json.loads((repo / "metrics/train.json").read_text())["transferred_tensors"] == 2
+    clf = nnpipe.load(repo / "models/model")[-1]
+    assert clf.transfer_from == "models/pretrained" and clf.freeze == ["hidden.*"]
+    for name in ("hidden.1.weight", "hidden.1.bias"):  # frozen: exactly the pretrained values
+        torch_equal = np.array_equal(clf.module_.state_dict()[name].numpy(),
+                                     pre.module_.state_dict()[name].numpy())
+        assert torch_equal, name
