@@ -587,6 +587,9 @@ class _NNMixin:
             super()._set_training(training)
 
     def initialize_callbacks(self):
+        if self.callbacks is not None and not isinstance(self.callbacks, (list, tuple)):
+            raise TypeError(f"callbacks must be a list of skorch callbacks or (name, callback) "
+                            f"pairs, or None; got {self.callbacks!r}")
         super().initialize_callbacks()
         self.hooks_ = {hook: [cb for _, cb in self.callbacks_
                               if getattr(type(cb), hook, None) is not getattr(Callback, hook)]
@@ -660,6 +663,10 @@ class _NNMixin:
             setattr(self, key, value)
             self._params_to_validate.add(key)
         rest = {k: v for k, v in kwargs.items() if k not in ours}
+        if "callbacks" in rest and not self.initialized_:
+            # an unfitted net builds its callbacks in fit (and checks them there); skorch would
+            # build them here already, failing on a value sklearn only stores
+            self.callbacks = rest.pop("callbacks")
         if not rest:
             return self
         super().set_params(**rest)
