@@ -31,7 +31,7 @@ from ._routed import accepted_names, check_routed
 from .augment import Augmenter, tta_views
 from .callbacks import GradientValueClipping, LRSchedule, MaxNorm, NNEarlyStopping
 from .data_iter import TensorBatches, TensorDataset
-from .models import MODULES
+from .models import ACTIVATIONS, MODULES
 from .transfer import check_lr_multipliers, lr_multiplier_groups
 
 __all__ = ["NNClassifier", "NNRegressor", "DivergenceError", "OPTIMIZERS", "CRITERIA"]
@@ -411,6 +411,19 @@ class _NNMixin:
                     loss(torch.zeros(3, width), torch.zeros(3, width))
 
             check_routed("criterion", crit.__name__, params, criterion, accepted_names(crit))
+        if self._own_module():
+            act = ACTIVATIONS.get("relu" if self.activation is None else self.activation,
+                                  accept=_is_subclass(nn.Module))
+
+            def activation(kw):
+                module = act(**kw)
+                try:  # torch checks an argument's type only in the forward pass
+                    module(torch.zeros(2, 3))
+                except RuntimeError:  # shape-bound (PReLU's num_parameters): the first batch says
+                    pass
+
+            check_routed("activation", act.__name__, self.get_params_for("activation"),
+                         activation, accepted_names(act))
         opt_cls = OPTIMIZERS.get(self.optimizer, accept=_is_subclass(torch.optim.Optimizer))
         torch_cls = getattr(opt_cls, "optimizer_class", opt_cls)  # "nesterov" is SGD + defaults
         probe = [torch.zeros(2, requires_grad=True)]

@@ -128,6 +128,10 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+#: the params.yaml sections a search trial builds its pipeline from
+TRIAL_SECTIONS = ("preprocess", "augment", "model", "train")
+
+
 def parse_space(space: Dict[str, Any]) -> Dict[str, dict]:
     """Normalise and check the declared space; a plain value is a fixed entry.
 
@@ -138,6 +142,13 @@ def parse_space(space: Dict[str, Any]) -> Dict[str, dict]:
     out = {}
     for key, spec in (space or {}).items():
         where = f"search.space.{key}"
+        root = str(key).split(".", 1)[0]
+        if root not in TRIAL_SECTIONS:
+            why = (" (trials train from scratch: the pretrain stage's encoder is used by train "
+                   "only)" if root == "pretrain" else "")
+            raise ValueError(f"{where}: a trial builds its pipeline from "
+                             f"{', '.join(TRIAL_SECTIONS)} only, so a {root!r} key would have no "
+                             f"effect on it{why}; got {key!r}.")
         if not isinstance(spec, dict) or "type" not in spec:
             spec = {"type": "fixed", "value": spec}
         spec = dict(spec)

@@ -102,12 +102,14 @@ def test_every_optimizer_trains(blobs, optimizer):
 
 def test_optimizer_names_resolve_to_their_settings(blobs):
     X, y = blobs
-    nesterov = NNClassifier(max_epochs=1, optimizer="nesterov", lr=0.1).fit(X, y).optimizer_
+    nesterov = NNClassifier(max_epochs=1, optimizer="nesterov", lr=0.1,
+                            random_state=0).fit(X, y).optimizer_
     assert isinstance(nesterov, torch.optim.SGD)
     assert nesterov.defaults["momentum"] == 0.9 and nesterov.defaults["nesterov"] is True
-    custom = NNClassifier(max_epochs=1, optimizer="momentum", optimizer__momentum=0.5).fit(X, y)
+    custom = NNClassifier(max_epochs=1, optimizer="momentum", optimizer__momentum=0.5,
+                          random_state=0).fit(X, y)
     assert custom.optimizer_.defaults["momentum"] == 0.5
-    nadam = NNClassifier(max_epochs=1, optimizer="nadam").fit(X, y).optimizer_
+    nadam = NNClassifier(max_epochs=1, optimizer="nadam", random_state=0).fit(X, y).optimizer_
     assert isinstance(nadam, torch.optim.NAdam)
 
 

@@ -1,5 +1,5 @@
-"""Routed parameters (``optimizer__*``, ``criterion__*``, ``lr_schedule__*``, ``early_stopping__*``)
-fail before training, naming the key, the value and what the component takes."""
+"""Routed parameters (``optimizer__*``, ``criterion__*``, ``lr_schedule__*``, ``early_stopping__*``,
+``activation__*``) fail before training, naming the key, the value and what the component takes."""
 
 import numpy as np
 import pytest
@@ -55,6 +55,11 @@ def _fit_error(**params):
      "threshold_mode must be 'rel' or 'abs'"),
     (dict(early_stopping=2.5), "early_stopping must be None, a bool (True: patience 5) or the "
                                "patience, an int >= 1, got 2.5."),
+    (dict(activation="leaky_relu", activation__negative_slope="steep"),  # torch checks in forward
+     "activation__negative_slope was rejected by LeakyReLU, got 'steep'"),
+    (dict(activation="elu", activation__alpah=0.5),
+     "activation__alpah is not a parameter of ELU; valid: ['activation__alpha', "
+     "'activation__inplace']. Did you mean 'alpha'?"),
     (dict(device="gpu"), "device must be a torch device: 'cpu', 'cuda' or 'cuda:<index>', got "
                          "'gpu'."),
 ])

@@ -34,6 +34,12 @@ def _settings(raw, task="classification"):
     ({"train.optimizer": {"type": "categorical", "choices": []}}, "non-empty list"),
     ({"train.lr": {"type": "uniform", "low": 0, "high": 1}}, "type must be one of"),
     ({"train.lr": {"type": "float", "low": 0.1, "high": 1, "choices": [1]}}, "unknown keys"),
+    # sections a trial never reads: searching them would silently do nothing
+    ({"pretrain.lr": {"type": "float", "low": 0.001, "high": 0.1}},
+     r"'pretrain' key would have no effect.*trials train from scratch"),
+    ({"ensemble.n_members": {"type": "int", "low": 2, "high": 5}},
+     r"from preprocess, augment, model, train only.*'ensemble'"),
+    ({"lr": {"type": "float", "low": 0.001, "high": 0.1}}, r"'lr' key would have no effect"),
 ])
 def test_bad_space_entries_fail_naming_the_entry(space, match):
     with pytest.raises(ValueError, match=match) as info:
