@@ -110,6 +110,20 @@ def best_config(cfg: Config, best_file: Optional[str]) -> Config:
     return with_overrides(cfg, best)
 
 
+def pretrained_params(cfg: Config, folder: Optional[str]) -> Dict[str, Any]:
+    """With ``pretrain.enabled``, the estimator parameters that start a network from the pretrain
+    stage's encoder in ``folder`` (:func:`nnpipe.pretrain.fine_tune_params`, with ``pretrain``'s
+    ``freeze`` / ``unfreeze_after`` / ``lr_multiplier``); otherwise ``{}``."""
+    if not cfg.pretrain_enabled:
+        return {}
+    if not folder:
+        raise ValueError("pretrain.enabled is true, but the stage was not given the pretrain "
+                         "stage's folder (--pretrained models/pretrained)")
+    from nnpipe.pretrain import fine_tune_params
+
+    return fine_tune_params(folder, **cfg.fine_tune_kwargs())
+
+
 def _sigterm(signum, frame):
     raise SystemExit(143)
 

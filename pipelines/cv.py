@@ -1,6 +1,8 @@
 """DVC stage ``cv``: k-fold cross-validation of the configured pipeline on the training set.
 
-Each fold fits a fresh pipeline (preprocessing and augmentation never see the held-out fold).
+Each fold fits a fresh pipeline (preprocessing and augmentation never see the held-out fold);
+with ``pretrain.enabled`` each fold's network starts from the pretrain stage's encoder, as
+``train``'s does (the encoder saw every training row's features, never a label).
 Writes per-fold and mean +- std metrics, the out-of-fold predictions and a per-fold table;
 logs a parent MLflow run with one nested run per fold.
 """
@@ -15,12 +17,14 @@ from nnpipe.cv import cross_validate_model
 from nnpipe.data import read_dataset
 from nnpipe.diagnostics import diagnose, format_findings
 
-from ._stage import best_config, log_history, run, tracker_for
+from ._stage import best_config, log_history, pretrained_params, run, tracker_for
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--best", help="the search stage's best_params.json (may be {})")
+    parser.add_argument("--pretrained", help="the pretrain stage's folder (used when "
+                                             "pretrain.enabled)")
     parser.add_argument("--metrics", required=True, help="JSON metrics file")
     parser.add_argument("--oof", required=True, help="out-of-fold predictions (.npz)")
     parser.add_argument("--table", required=True, help="per-fold metrics CSV (dvc plots)")
@@ -30,9 +34,13 @@ def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
     cfg = best_config(cfg, args.best)
     cv = cfg.cv.model_dump(exclude_unset=True)
+    reuse = pretrained_params(cfg, args.pretrained)
+    if reuse:
+        print(f"[cv] every fold starts from the pretrained encoder {args.pretrained} "
+              f"({reuse['transfer_layers']})")
     with tracker_for(cfg, "cv") as tracker:
         pipe = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise",
-                                  verbose=cfg.train.get("verbose", 0))
+                                  verbose=cfg.train.get("verbose", 0), **reuse)
 
         def on_fold(i, model, metrics):
             findings = diagnose(model[-1].history)

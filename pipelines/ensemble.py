@@ -1,7 +1,8 @@
 """DVC stage ``ensemble``: build, save and log the ensemble declared in params.yaml.
 
-Members use the configuration ``train`` uses (params.yaml plus the search's best parameters);
-``kind: topk`` takes the best configurations of the search instead. Logs a parent MLflow run
+Members use the configuration ``train`` uses (params.yaml plus the search's best parameters, and
+with ``pretrain.enabled`` the pretrain stage's encoder as their starting point); ``kind: topk``
+takes the best configurations of the search instead (trained from scratch, as in the search). Logs a parent MLflow run
 with a nested run per member. When ``ensemble.enabled`` is false it writes only a note, and
 ``evaluate`` reports the single model.
 """
@@ -15,13 +16,15 @@ from nnpipe import save
 from nnpipe.config import ensemble_kwargs
 from nnpipe.data import read_dataset
 
-from ._stage import best_config, log_history, run, tracker_for
+from ._stage import best_config, log_history, pretrained_params, run, tracker_for
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--best", help="the search stage's best_params.json")
     parser.add_argument("--top", help="the search stage's top_trials.json (kind: topk)")
+    parser.add_argument("--pretrained", help="the pretrain stage's folder (used when "
+                                             "pretrain.enabled)")
     parser.add_argument("--out", required=True, help="folder for the saved ensemble")
 
 
@@ -52,10 +55,18 @@ def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
     cfg = best_config(cfg, args.best)
     kwargs = ensemble_kwargs(cfg.raw)
-    trial_numbers = None
+    trial_numbers, reuse = None, {}
     if kwargs.get("kind") == "topk":
         kwargs["configs"], trial_numbers = _topk_configs(cfg, args.top, ds.task, ds.input_shape)
-    base = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise", verbose=0)
+        if cfg.pretrain_enabled:  # the encoder has the best trial's architecture, not theirs
+            print("[ensemble] kind: topk members train from scratch, as their search trials did "
+                  "(the pretrained encoder has the best configuration's architecture only)")
+    else:
+        reuse = pretrained_params(cfg, args.pretrained)
+        if reuse:
+            print(f"[ensemble] every member starts from the pretrained encoder {args.pretrained} "
+                  f"({reuse['transfer_layers']})")
+    base = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise", verbose=0, **reuse)
     cls = EnsembleRegressor if ds.task == "regression" else EnsembleClassifier
     with tracker_for(cfg, "ensemble", params={"ensemble": section}) as tracker:
         ens = cls(base, **kwargs).fit(ds.X_train, ds.y_train)

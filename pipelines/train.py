@@ -16,7 +16,7 @@ from nnpipe.data import read_dataset
 from nnpipe.diagnostics import diagnose, format_findings
 from nnpipe.plots import learning_curves, learning_curves_table
 
-from ._stage import best_config, run, tracker_for
+from ._stage import best_config, pretrained_params, run, tracker_for
 
 
 def _args(parser):
@@ -44,11 +44,7 @@ def fit_pipeline(cfg, ds, tracker, **overrides):
 def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
     cfg = best_config(cfg, args.best)
-    reuse = {}
-    if cfg.pretrain_enabled:
-        from nnpipe.pretrain import fine_tune_params
-
-        reuse = fine_tune_params(args.pretrained, **cfg.fine_tune_kwargs())
+    reuse = pretrained_params(cfg, args.pretrained)
     with tracker_for(cfg, "train") as tracker:
         pipe, seconds = fit_pipeline(cfg, ds, tracker, **reuse)
         net = pipe[-1]

@@ -251,15 +251,16 @@ def test_enabling_the_search_feeds_its_best_params_to_train_and_cv(tiny_repo):
 
 def test_repro_with_pretraining_trains_from_the_pretrained_encoder(tmp_path):
     """20% of the training labels kept; the encoder, pretrained on all 1347 training rows and
-    kept frozen, reaches the saved classifier unchanged."""
+    kept frozen, reaches the saved classifier and every ensemble member unchanged, and cv's
+    folds start from it too."""
     import nnpipe
 
     params = dict(TINY, data={**TINY["data"], "label_fraction": 0.2},
                   pretrain={"enabled": True, "noise": "mask", "noise_level": 0.2,
                             "max_epochs": 3, "random_state": 0, "freeze": True},
-                  ensemble={"enabled": False}, tracking={"enabled": False})
+                  tracking={"enabled": False})
     repo = make_repo(tmp_path / "repo", params)
-    proc = sh("dvc repro train", repo, env=stage_env(repo))
+    proc = sh("dvc repro train ensemble cv", repo, env=stage_env(repo))
     assert "Running stage 'pretrain'" in proc.stdout
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert (meta["n_train"], meta["n_unlabeled"]) == (269, 1078)  # 20% of 1347 labels kept
@@ -269,9 +270,20 @@ def test_repro_with_pretraining_trains_from_the_pretrained_encoder(tmp_path):
     assert ("[train] started from the pretrained encoder models/pretrained: 2 tensors "
             "transferred (['hidden.*'])") in proc.stdout
     assert json.loads((repo / "metrics/train.json").read_text())["transferred_tensors"] == 2
-    clf = nnpipe.load(repo / "models/model")[-1]
-    assert clf.transfer_from == "models/pretrained" and clf.freeze == ["hidden.*"]
-    for name in ("hidden.1.weight", "hidden.1.bias"):  # frozen: exactly the pretrained values
-        torch_equal = np.array_equal(clf.module_.state_dict()[name].numpy(),
-                                     pre.module_.state_dict()[name].numpy())
-        assert torch_equal, name
+    assert ("[cv] every fold starts from the pretrained encoder models/pretrained "
+            "(['hidden.*'])") in proc.stdout
+    assert ("[ensemble] every member starts from the pretrained encoder models/pretrained "
+            "(['hidden.*'])") in proc.stdout
+    ensemble = nnpipe.load(repo / "models/ensemble")
+    nets = [nnpipe.load(repo / "models/model")[-1]] + [m[-1] for m in ensemble.members_]
+    assert len(nets) == 3
+    for clf in nets:
+        assert clf.transfer_from == "models/pretrained" and clf.freeze == ["hidden.*"]
+        for name in ("hidden.1.weight", "hidden.1.bias"):  # frozen: exactly the pretrained values
+            torch_equal = np.array_equal(clf.module_.state_dict()[name].numpy(),
+                                         pre.module_.state_dict()[name].numpy())
+            assert torch_equal, name
+    # the heads (trained, from different seeds) differ between the members
+    heads = [m[-1].module_.state_dict()["output.weight"].numpy() for m in ensemble.members_]
+    assert not np.array_equal(heads[0], heads[1])
+    assert json.loads((repo / "metrics/cv.json").read_text())
