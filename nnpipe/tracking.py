@@ -34,15 +34,18 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import uuid
 import warnings
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from skorch.callbacks import Callback
 
+from ._mlflow import (_HTTP_ENV, PARAM_VALUE_LIMIT, TrackingWarning, _client, _experiment_id,
+                      _is_http, _is_rejection, _log_batch, _log_pyfunc, _now_ms, _restore_env,
+                      _set_env, _short, _truncate, _uploading)
+from ._outbox import _OUTBOX_FORMAT, _locked, _read_records, _Replay, fcntl
 from ._registry import invalid_value
 
 __all__ = ["Tracker", "EpochLogger", "TrackingWarning", "tracking_uri", "repo_root", "flatten",
@@ -52,42 +55,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Where offline trackers write by default (relative to the working directory).
 DEFAULT_OUTBOX = Path("metrics") / "mlflow_outbox"
-#: MLflow's limit on a param value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``).
-PARAM_VALUE_LIMIT = 6000
-_TAG_VALUE_LIMIT = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
-_PARAMS_PER_BATCH, _METRICS_PER_BATCH = 100, 1000
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-_UPLOAD_TIMEOUT = "60"  # artifact uploads stream data: a 5 s read timeout is too tight for them
 _DVC_TMP = (".dvc", "tmp", "exps")
-# MLflow error codes meaning "the server is up and refused this particular request"; every other
-# failure (connection refused, timeout, 5xx, auth, a locked sqlite file) takes the tracker offline
-_REJECTIONS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"}
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
-_OUTBOX_FORMAT = 1
-_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-
-try:  # advisory locks keep `sync` away from an outbox file a live stage is still writing
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
-
-class TrackingWarning(UserWarning):
-    """MLflow tracking failed or rejected something; training goes on."""
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _truncate(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    note = f"... [truncated, {len(text)} chars]"
-    return text[:limit - len(note)] + note
 
 
 def _git(args: List[str], cwd: Path) -> Optional[str]:
@@ -110,14 +82,6 @@ def _check_mapping(argument: str, value: Any, optional: bool = True) -> Dict[Any
     if not isinstance(value, Mapping):
         raise invalid_value(argument, value, "a dict" + (" or None" if optional else ""))
     return dict(value)
-
-
-def _short(exc: BaseException) -> str:
-    return _truncate(f"{type(exc).__name__}: {exc}".replace("\n", " "), 400)
-
-
-def _is_rejection(exc: BaseException) -> bool:
-    return getattr(exc, "error_code", None) in _REJECTIONS
 
 
 # --------------------------------------------------------------------------- locations
@@ -170,21 +134,6 @@ def tracking_uri(start: Optional[PathLike] = None) -> str:
     if env:
         return env
     return "sqlite:///" + (repo_root(start) / "mlflow.db").as_posix()
-
-
-def _artifact_location(uri: str, experiment: str) -> Optional[str]:
-    """Where a new experiment's artifacts go: next to a sqlite database, never under the cwd.
-
-    MLflow's default for a sqlite store is ``./mlruns`` of whatever directory the process runs in,
-    which for a queued DVC experiment is a temporary copy that is deleted afterwards.
-    """
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not db or db == ":memory:":
-        return None
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-    return (Path(db).resolve().parent / "mlruns" / slug).as_uri()
 
 
 # --------------------------------------------------------------------------- params
@@ -262,177 +211,6 @@ def _metric_values(metrics: Any) -> Dict[str, float]:
             raise invalid_value(f"metrics[{key!r}]", value, "a real number")
         values[str(key)] = float(value)
     return values
-
-
-# --------------------------------------------------------------------------- mlflow plumbing
-
-
-def _set_env(values: Mapping[str, str]) -> Dict[str, Optional[str]]:
-    """Set environment variables the user has not set; returns what to restore."""
-    changed = {}
-    for name, value in values.items():
-        if name not in os.environ:
-            changed[name] = value
-            os.environ[name] = value
-    return changed
-
-
-def _restore_env(changed: Mapping[str, str]) -> None:
-    for name, value in changed.items():
-        if os.environ.get(name) == value:  # leave it alone if someone else changed it since
-            del os.environ[name]
-
-
-@contextlib.contextmanager
-def _env(values: Mapping[str, str]) -> Iterator[None]:
-    changed = _set_env(values)
-    try:
-        yield
-    finally:
-        _restore_env(changed)
-
-
-@contextlib.contextmanager
-def _uploading(timeout_is_ours: bool) -> Iterator[None]:
-    """No progress bars; a longer HTTP read timeout for uploads when nnpipe set the short one.
-
-    Artifact uploads stream data and the server may answer only once it has stored them, so the
-    5 s timeout that bounds ordinary calls is too tight; a timeout the user set is kept.
-    """
-    name = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-    saved = os.environ.get(name)
-    if timeout_is_ours:
-        os.environ[name] = _UPLOAD_TIMEOUT
-    try:
-        with _env({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-            yield
-    finally:
-        if timeout_is_ours and saved is not None:
-            os.environ[name] = saved
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """Point mlflow's global tracking URI at ``uri`` for the duration; restore it and the env."""
-    import mlflow
-
-    try:
-        from mlflow.tracking._tracking_service import utils as _tracking_utils
-        previous = _tracking_utils._tracking_uri
-    except (ImportError, AttributeError):  # pragma: no cover - mlflow internals moved
-        previous = mlflow.get_tracking_uri()
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
-
-
-def _is_http(uri: str) -> bool:
-    return uri.lower().startswith(("http://", "https://"))
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    if not uri.startswith("postgresql"):
-        return MlflowClient(tracking_uri=uri)
-    # MLflow creates its tables on first use, and its migrations are not safe to run twice at
-    # once: trackers starting together on a new database take turns (an advisory lock, which
-    # the server drops if this process dies)
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool,
-                                      connect_args={"connect_timeout": 10})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({_SCHEMA_LOCK})"))
-            try:
-                client = MlflowClient(tracking_uri=uri)
-                client.search_experiments(max_results=1)  # creates or upgrades the tables
-            finally:
-                conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({_SCHEMA_LOCK})"))
-    finally:
-        engine.dispose()
-    return client
-
-
-_SCHEMA_LOCK = 0x6E6E6D66  # "nnmf": the advisory lock key for MLflow's schema creation
-
-
-def _experiment_id(client, uri: str, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
-        except Exception as exc:  # another process created it first
-            if not _is_rejection(exc):
-                raise
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage != "active":
-        raise RuntimeError(f"experiment {name!r} is deleted in {uri}; restore it or choose another "
-                           "experiment name.")
-    return experiment.experiment_id
-
-
-def _log_batch(client, run_id: str, params: Mapping[str, Any] = (), tags: Mapping[str, Any] = (),
-               metrics: Mapping[str, float] = (), step: int = 0,
-               timestamp: Optional[int] = None) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-
-    params = [Param(k, str(v)) for k, v in dict(params).items()]
-    tags = [RunTag(k, _truncate(str(v), _TAG_VALUE_LIMIT)) for k, v in dict(tags).items()]
-    timestamp = _now_ms() if timestamp is None else int(timestamp)
-    metrics = [Metric(k, float(v), timestamp, int(step)) for k, v in dict(metrics).items()]
-    for i in range(0, len(params), _PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=params[i:i + _PARAMS_PER_BATCH])
-    for i in range(0, len(tags), _PARAMS_PER_BATCH):
-        client.log_batch(run_id, tags=tags[i:i + _PARAMS_PER_BATCH])
-    for i in range(0, len(metrics), _METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i:i + _METRICS_PER_BATCH])
-
-
-def _requirements() -> List[str]:
-    from importlib import metadata
-
-    from . import __version__
-
-    reqs = [f"nnpipe=={__version__}"]
-    for dist in ("mlflow", "torch", "skorch", "scikit-learn", "numpy", "safetensors", "pandas"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            reqs.append(f"{dist}=={metadata.version(dist)}")
-    return reqs
-
-
-def _log_pyfunc(client, uri: str, run_id: str, experiment_id: str, model_dir: Path, name: str,
-                params: Mapping[str, Any], kwargs: Mapping[str, Any],
-                timeout_is_ours: bool = False) -> str:
-    """Log ``model_dir`` as a models-from-code pyfunc model of run ``run_id``; returns its URI.
-
-    The LoggedModel is created in the run's experiment explicitly, so no fluent (global) active
-    run is needed and the user's own active run or experiment, if any, is left alone.
-    """
-    import mlflow
-    from mlflow.models import Model
-
-    kwargs = dict(kwargs)
-    kwargs.setdefault("pip_requirements", _requirements())
-    model = client.create_logged_model(
-        experiment_id, name=name, source_run_id=run_id,
-        params={k: _truncate(str(v), PARAM_VALUE_LIMIT) for k, v in dict(params).items()})
-    with _global_tracking_uri(uri), _uploading(timeout_is_ours):
-        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                         model_id=model.model_id,
-                         python_model=str(_MODEL_CODE), artifacts={"model": str(model_dir)},
-                         flavor_name="pyfunc.ModelFromCode", **kwargs)
-    return info.model_uri
 
 
 # --------------------------------------------------------------------------- shared run-tree state
@@ -955,157 +733,6 @@ class EpochLogger(Callback):
 
 
 # --------------------------------------------------------------------------- replay
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[Optional[Any]]:
-    """Open ``path`` with an exclusive lock; yields None when a live stage still holds it."""
-    with open(path, "r", encoding="utf-8") as fh:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                yield None
-                return
-        yield fh
-
-
-def _read_records(path: Path, fh) -> List[Dict[str, Any]]:
-    records = []
-    for number, line in enumerate(fh, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number} is not valid JSON (a stage stopped mid-write?); "
-                          "skipping that line.", TrackingWarning, stacklevel=3)
-            continue
-        if not isinstance(record, dict) or "type" not in record or "run" not in record:
-            raise ValueError(f"{path}:{number} is not an nnpipe outbox record: {line[:200]!r}")
-        if record.get("v", 1) > _OUTBOX_FORMAT:
-            raise ValueError(f"{path}:{number} was written by a newer nnpipe (outbox format "
-                             f"{record['v']} > {_OUTBOX_FORMAT}); upgrade nnpipe to sync it.")
-        records.append(record)
-    return records
-
-
-class _Replay:
-    """Replays one outbox file into a tracking store."""
-
-    def __init__(self, client, uri: str, path: Path, timeout_is_ours: bool):
-        self.client, self.uri, self.path = client, uri, path
-        self.timeout_is_ours = timeout_is_ours
-        self.runs: Dict[str, str] = {}  # outbox key -> run id
-        self.experiments: Dict[str, str] = {}  # run id -> experiment id
-        self.params: Dict[str, Dict[str, Any]] = {}
-        self.ended: set = set()
-
-    def _soft(self, what: str, fn) -> None:
-        """Run ``fn``; a rejection (e.g. a param already set to another value) only warns."""
-        try:
-            fn()
-        except Exception as exc:
-            if not _is_rejection(exc):
-                raise
-            warnings.warn(f"{self.path}: MLflow rejected {what} ({_short(exc)}); skipped.",
-                          TrackingWarning, stacklevel=4)
-
-    def _existing(self, run_id: Optional[str]):
-        if not run_id:
-            return None
-        try:
-            run = self.client.get_run(run_id)
-        except Exception as exc:
-            if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
-        return run if run.info.lifecycle_stage == "active" else None
-
-    def run(self, rec: Dict[str, Any]) -> None:
-        key = rec["run"]
-        tags = {str(k): str(v) for k, v in (rec.get("tags") or {}).items()}
-        run = self._existing(rec.get("mlflow_run_id"))
-        if run is None:
-            exp_id = _experiment_id(self.client, self.uri, rec.get("experiment") or "nnpipe")
-            found = self.client.search_runs([exp_id], f"tags.`nnpipe.outbox_key` = '{key}'",
-                                            max_results=1)
-            if found:
-                run = found[0]
-            else:
-                if rec.get("parent"):
-                    tags["mlflow.parentRunId"] = self._run_id(rec["parent"])
-                tags["nnpipe.outbox_key"] = key
-                run = self.client.create_run(exp_id, start_time=rec.get("start_time"), tags=tags,
-                                             run_name=rec.get("name"))
-        run_id = run.info.run_id
-        self.runs[key] = run_id
-        self.experiments[run_id] = run.info.experiment_id
-        self.params[key] = dict(rec.get("params") or {})
-        self._soft("params",
-                   lambda: _log_batch(self.client, run_id, params=rec.get("params") or {}))
-        self._soft("tags", lambda: _log_batch(self.client, run_id, tags=tags))
-
-    def _has_model(self, run_id: str, name: str) -> bool:
-        found = self.client.search_logged_models([self.experiments[run_id]],
-                                                 filter_string=f"source_run_id = '{run_id}'")
-        return any(m.name == name and str(m.status) == "READY" for m in found)
-
-    def _run_id(self, key: str) -> str:
-        if key not in self.runs:
-            raise ValueError(f"{self.path}: a record refers to run {key!r} before its 'run' "
-                             "record; the file is damaged.")
-        return self.runs[key]
-
-    def apply(self, rec: Dict[str, Any]) -> None:
-        kind = rec["type"]
-        if kind == "run":
-            return self.run(rec)
-        run_id = self._run_id(rec["run"])
-        if kind == "params":
-            self.params[rec["run"]].update(rec["params"])
-            self._soft("params", lambda: _log_batch(self.client, run_id, params=rec["params"]))
-        elif kind == "metrics":
-            self._soft("metrics", lambda: _log_batch(
-                self.client, run_id, metrics=rec["metrics"], step=rec.get("step") or 0,
-                timestamp=rec.get("timestamp")))
-        elif kind == "tags":
-            self._soft("tags", lambda: _log_batch(self.client, run_id, tags=rec["tags"]))
-        elif kind == "artifact":
-            path = Path(rec["path"])
-            if not path.exists():
-                warnings.warn(f"{self.path}: artifact {path} no longer exists; skipped.",
-                              TrackingWarning, stacklevel=3)
-                return
-            with _uploading(self.timeout_is_ours):
-                if rec.get("dir"):
-                    self.client.log_artifacts(run_id, str(path), rec.get("artifact_path"))
-                else:
-                    self.client.log_artifact(run_id, str(path), rec.get("artifact_path"))
-        elif kind == "model":
-            path = Path(rec["path"])
-            if not path.is_dir():
-                warnings.warn(f"{self.path}: model directory {path} no longer exists; skipped.",
-                              TrackingWarning, stacklevel=3)
-                return
-            name = rec.get("name") or "model"
-            if self._has_model(run_id, name):  # an earlier sync was stopped after logging it
-                return
-            _log_pyfunc(self.client, self.uri, run_id, self.experiments[run_id], path, name,
-                        self.params[rec["run"]], rec.get("kwargs") or {}, self.timeout_is_ours)
-        elif kind == "end":
-            self.client.set_terminated(run_id, rec.get("status", "FINISHED"), rec.get("end_time"))
-            self.ended.add(rec["run"])
-        else:
-            raise ValueError(f"{self.path}: unknown outbox record type {kind!r}.")
-
-    def finish(self) -> None:
-        """Runs with no ``end`` record belong to a stage that died: mark them FAILED."""
-        for key, run_id in self.runs.items():
-            if key not in self.ended:
-                _log_batch(self.client, run_id, tags={
-                    "nnpipe.outbox_note": "the stage stopped without ending this run"})
-                self.client.set_terminated(run_id, "FAILED")
 
 
 def sync_outbox(outbox: PathLike = DEFAULT_OUTBOX, uri: Optional[str] = None) -> int:

@@ -23,9 +23,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 import nnpipe  # noqa: E402
 from nnpipe import NNClassifier  # noqa: E402
+from nnpipe._mlflow import _global_tracking_uri  # noqa: E402
 from nnpipe.tracking import (  # noqa: E402
-    PARAM_VALUE_LIMIT, Tracker, TrackingWarning, _global_tracking_uri, flatten, main, sync_outbox,
-    tracking_uri,
+    PARAM_VALUE_LIMIT, Tracker, TrackingWarning, flatten, main, sync_outbox, tracking_uri,
 )
 
 
