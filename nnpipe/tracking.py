@@ -49,11 +49,11 @@ from ._outbox import _OUTBOX_FORMAT, _locked, _read_records, _Replay, fcntl
 from ._registry import invalid_value
 
 __all__ = ["Tracker", "EpochLogger", "TrackingWarning", "tracking_uri", "repo_root", "flatten",
-           "sync_outbox", "DEFAULT_OUTBOX", "PARAM_VALUE_LIMIT"]
+           "sync_outbox", "default_outbox", "DEFAULT_OUTBOX", "PARAM_VALUE_LIMIT"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Where offline trackers write by default (relative to the working directory).
+#: Where offline trackers write by default, relative to the repository root (:func:`default_outbox`).
 DEFAULT_OUTBOX = Path("metrics") / "mlflow_outbox"
 _DVC_TMP = (".dvc", "tmp", "exps")
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -134,6 +134,22 @@ def tracking_uri(start: Optional[PathLike] = None) -> str:
     if env:
         return env
     return "sqlite:///" + (repo_root(start) / "mlflow.db").as_posix()
+
+
+def default_outbox(start: Optional[PathLike] = None) -> Path:
+    """Where offline trackers write and ``sync`` reads by default: ``<repo root>/metrics/
+    mlflow_outbox``, the root found by :func:`repo_root`, so a stage run by ``dvc exp run
+    --queue`` (in a temporary copy that is deleted afterwards) keeps its records in the original
+    repository, beside the ``mlflow.db`` that :func:`tracking_uri` points at.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> root = Path(tempfile.mkdtemp()).resolve()
+    >>> default_outbox(root / ".dvc" / "tmp" / "exps" / "tmpabc") == root / DEFAULT_OUTBOX
+    True
+    """
+    return repo_root(start) / DEFAULT_OUTBOX
 
 
 # --------------------------------------------------------------------------- params
@@ -346,8 +362,9 @@ class Tracker:
         Extra run tags. The tracker sets ``nnpipe.stage``, ``mlflow.source.git.commit`` (git
         ``HEAD``, when in a git repository), ``nnpipe.dvc_experiment`` (``$DVC_EXP_NAME``, when
         set) and ``mlflow.user``.
-    outbox : path
-        Directory for offline records, relative to the working directory at construction.
+    outbox : path, optional
+        Directory for offline records (a relative path: from the working directory at
+        construction); :func:`default_outbox` by default.
 
     Attributes
     ----------
@@ -369,17 +386,17 @@ class Tracker:
 
     def __init__(self, stage: str, params: Optional[Mapping[str, Any]] = None, *,
                  experiment: str = "nnpipe", uri: Optional[str] = None,
-                 tags: Optional[Mapping[str, Any]] = None, outbox: PathLike = DEFAULT_OUTBOX):
+                 tags: Optional[Mapping[str, Any]] = None, outbox: Optional[PathLike] = None):
         self.stage = _check_name("stage", stage)
         self.experiment = _check_name("experiment", experiment)
         if uri is not None:
             _check_name("uri", uri)
         self._params = flatten(_check_mapping("params", params))
         self._tags = {str(k): str(v) for k, v in _check_mapping("tags", tags).items()}
-        if not isinstance(outbox, (str, os.PathLike)):
-            raise invalid_value("outbox", outbox, "a directory path")
+        if outbox is not None and not isinstance(outbox, (str, os.PathLike)):
+            raise invalid_value("outbox", outbox, "a directory path or None")
         self.uri = uri if uri is not None else tracking_uri()
-        self.outbox = Path(outbox).absolute()
+        self.outbox = default_outbox() if outbox is None else Path(outbox).absolute()
         self.key = uuid.uuid4().hex
         self.run_id: Optional[str] = None
         self.status = "PENDING"
@@ -735,7 +752,7 @@ class EpochLogger(Callback):
 # --------------------------------------------------------------------------- replay
 
 
-def sync_outbox(outbox: PathLike = DEFAULT_OUTBOX, uri: Optional[str] = None) -> int:
+def sync_outbox(outbox: Optional[PathLike] = None, uri: Optional[str] = None) -> int:
     """Replay offline tracking records into a tracking store; returns the number of runs synced.
 
     Each ``<outbox>/*.jsonl`` file is replayed in full (runs and nested runs with their parent
@@ -747,8 +764,9 @@ def sync_outbox(outbox: PathLike = DEFAULT_OUTBOX, uri: Optional[str] = None) ->
 
     Parameters
     ----------
-    outbox : path
-        The outbox directory (``metrics/mlflow_outbox`` by default).
+    outbox : path, optional
+        The outbox directory; :func:`default_outbox` (``<repo root>/metrics/mlflow_outbox``) by
+        default.
     uri : str, optional
         Tracking URI; :func:`tracking_uri` by default.
 
@@ -757,9 +775,9 @@ def sync_outbox(outbox: PathLike = DEFAULT_OUTBOX, uri: Optional[str] = None) ->
     RuntimeError
         When a file cannot be replayed (e.g. the store is still down); that file is kept.
     """
-    if not isinstance(outbox, (str, os.PathLike)):
-        raise invalid_value("outbox", outbox, "a directory path")
-    outbox = Path(outbox)
+    if outbox is not None and not isinstance(outbox, (str, os.PathLike)):
+        raise invalid_value("outbox", outbox, "a directory path or None")
+    outbox = default_outbox() if outbox is None else Path(outbox)
     uri = uri if uri is not None else tracking_uri()
     _check_name("uri", uri)
     files = sorted(outbox.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name)) \
@@ -801,19 +819,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description="nnpipe MLflow tracking utilities.")
     commands = parser.add_subparsers(dest="command", required=True)
     sync = commands.add_parser("sync", help="replay offline tracking records into MLflow")
-    sync.add_argument("--outbox", default=str(DEFAULT_OUTBOX),
-                      help="outbox directory (default: %(default)s)")
+    sync.add_argument("--outbox", default=None,
+                      help=f"outbox directory (default: <repo root>/{DEFAULT_OUTBOX.as_posix()})")
     sync.add_argument("--uri", default=None,
                       help="tracking URI (default: $MLFLOW_TRACKING_URI, else "
                            "sqlite:///<repo root>/mlflow.db)")
     args = parser.parse_args(argv)
     uri = args.uri or tracking_uri()
+    outbox = args.outbox or default_outbox()
     try:
-        count = sync_outbox(args.outbox, uri=uri)
+        count = sync_outbox(outbox, uri=uri)
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"synced {count} run{'s' if count != 1 else ''} from {args.outbox} to {uri}")
+    print(f"synced {count} run{'s' if count != 1 else ''} from {outbox} to {uri}")
     return 0
 
 

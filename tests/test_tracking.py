@@ -408,6 +408,31 @@ def test_tracking_uri_inside_a_dvc_queue_copy_points_to_the_original_repo(monkey
     assert tracking_uri(temp_copy / "stage") == expected
 
 
+def test_a_stage_in_a_dvc_queue_copy_keeps_its_outbox_in_the_original_repo(
+        store, experiment, monkeypatch, tmp_path, down_uri, capsys):
+    """`dvc exp run --queue` runs stages in .dvc/tmp/exps/<copy>, deleted afterwards: offline
+    records go to the original repository's metrics/mlflow_outbox, where a plain `sync` there
+    finds them."""
+    uri, client = store
+    root = tmp_path.resolve()
+    temp_copy = root / ".dvc" / "tmp" / "exps" / "tmpabc"
+    temp_copy.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(temp_copy)], capture_output=True)
+    monkeypatch.chdir(temp_copy)
+    with pytest.warns(TrackingWarning):
+        with Tracker("queued", experiment=experiment, uri=down_uri) as run:
+            run.log_metrics({"a": 2.0}, step=1)
+    assert run.offline and run.outbox_file.parent == root / "metrics" / "mlflow_outbox"
+    assert run.outbox_file.exists() and not (temp_copy / "metrics").exists()
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(root.parent))
+    assert main(["sync", "--uri", uri]) == 0
+    assert f"synced 1 run from {root / 'metrics' / 'mlflow_outbox'}" in capsys.readouterr().out
+    assert _history(client, _runs(client, experiment)["queued"].info.run_id, "a") == [(1, 2.0)]
+    with pytest.raises(ValueError, match=r"outbox.*a directory path or None"):
+        Tracker("bad", uri=uri, outbox=3)
+
+
 def test_tracking_uri_outside_git_is_the_start_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
