@@ -411,19 +411,21 @@ class _NNMixin:
                     loss(torch.zeros(3, width), torch.zeros(3, width))
 
             check_routed("criterion", crit.__name__, params, criterion, accepted_names(crit))
-        if self._own_module():
+        act_kwargs = self.get_params_for("activation")
+        if self._own_module() and act_kwargs:
             act = ACTIVATIONS.get("relu" if self.activation is None else self.activation,
                                   accept=_is_subclass(nn.Module))
+            ours = act in {ACTIVATIONS.get(name) for name in ACTIVATIONS.names()}
 
             def activation(kw):
                 module = act(**kw)
-                try:  # torch checks an argument's type only in the forward pass
-                    module(torch.zeros(2, 3))
-                except RuntimeError:  # shape-bound (PReLU's num_parameters): the first batch says
-                    pass
+                if ours:  # torch checks some arguments only in the forward pass; a user's class
+                    # may need its own input shape, so it is only built
+                    width = getattr(module, "num_parameters", 3)  # PReLU: one slope per column
+                    with torch.random.fork_rng(devices=[]):  # RReLU draws: keep fit's seed
+                        module(torch.zeros(2, width))
 
-            check_routed("activation", act.__name__, self.get_params_for("activation"),
-                         activation, accepted_names(act))
+            check_routed("activation", act.__name__, act_kwargs, activation, accepted_names(act))
         opt_cls = OPTIMIZERS.get(self.optimizer, accept=_is_subclass(torch.optim.Optimizer))
         torch_cls = getattr(opt_cls, "optimizer_class", opt_cls)  # "nesterov" is SGD + defaults
         probe = [torch.zeros(2, requires_grad=True)]
@@ -600,14 +602,24 @@ class _NNMixin:
             super()._set_training(training)
 
     def initialize_callbacks(self):
-        if self.callbacks is not None and not isinstance(self.callbacks, (list, tuple)):
-            raise TypeError(f"callbacks must be a list of skorch callbacks or (name, callback) "
-                            f"pairs, or None; got {self.callbacks!r}")
+        if self.callbacks is not None and not isinstance(self.callbacks, list):
+            raise TypeError(f"callbacks must be None, 'disable' (no callbacks at all, nnpipe's "
+                            f"defaults included) or a list of skorch callbacks or (name, "
+                            f"callback) pairs; got {self.callbacks!r}")
         super().initialize_callbacks()
+        self._index_hooks()
+        return self
+
+    def _initialize_callbacks(self):
+        super()._initialize_callbacks()  # callbacks="disable" skips initialize_callbacks
+        self._index_hooks()
+        return self
+
+    def _index_hooks(self):
+        """Which callbacks implement each hook, so ``notify`` skips the no-op calls."""
         self.hooks_ = {hook: [cb for _, cb in self.callbacks_
                               if getattr(type(cb), hook, None) is not getattr(Callback, hook)]
                        for hook in _HOOKS}
-        return self
 
     def notify(self, method_name, **cb_kwargs):
         hooks = getattr(self, "hooks_", None)
@@ -689,7 +701,7 @@ class _NNMixin:
         if self.initialized_ and any(k.startswith("callbacks") for k in rest):
             # skorch re-initializes the *old* callbacks before storing the new ones, so a fitted
             # net would go on training (partial_fit) with the callbacks it had
-            self.initialize_callbacks()
+            self._initialize_callbacks()
         return self
 
     def __sklearn_tags__(self):

@@ -144,8 +144,8 @@ def parse_space(space: Dict[str, Any]) -> Dict[str, dict]:
         where = f"search.space.{key}"
         root = str(key).split(".", 1)[0]
         if root not in TRIAL_SECTIONS:
-            why = (" (trials train from scratch: the pretrain stage's encoder is used by train "
-                   "only)" if root == "pretrain" else "")
+            why = (" (trials train from scratch: they do not run the pretrain stage)"
+                   if root == "pretrain" else "")
             raise ValueError(f"{where}: a trial builds its pipeline from "
                              f"{', '.join(TRIAL_SECTIONS)} only, so a {root!r} key would have no "
                              f"effect on it{why}; got {key!r}.")

@@ -110,10 +110,17 @@ def best_config(cfg: Config, best_file: Optional[str]) -> Config:
     return with_overrides(cfg, best)
 
 
-def pretrained_params(cfg: Config, folder: Optional[str]) -> Dict[str, Any]:
+def add_pretrained_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", help="the pretrain stage's folder (used when "
+                                             "pretrain.enabled)")
+
+
+def pretrained_params(cfg: Config, folder: Optional[str],
+                      announce: Optional[str] = None) -> Dict[str, Any]:
     """With ``pretrain.enabled``, the estimator parameters that start a network from the pretrain
     stage's encoder in ``folder`` (:func:`nnpipe.pretrain.fine_tune_params`, with ``pretrain``'s
-    ``freeze`` / ``unfreeze_after`` / ``lr_multiplier``); otherwise ``{}``."""
+    ``freeze`` / ``unfreeze_after`` / ``lr_multiplier``); otherwise ``{}``. ``announce``
+    (``"[cv] every fold"``) prints what starts from it."""
     if not cfg.pretrain_enabled:
         return {}
     if not folder:
@@ -121,7 +128,11 @@ def pretrained_params(cfg: Config, folder: Optional[str]) -> Dict[str, Any]:
                          "stage's folder (--pretrained models/pretrained)")
     from nnpipe.pretrain import fine_tune_params
 
-    return fine_tune_params(folder, **cfg.fine_tune_kwargs())
+    reuse = fine_tune_params(folder, **cfg.fine_tune_kwargs())
+    if announce:
+        print(f"{announce} starts from the pretrained encoder {folder} "
+              f"({reuse['transfer_layers']})")
+    return reuse
 
 
 def _sigterm(signum, frame):

@@ -17,14 +17,14 @@ from nnpipe.cv import cross_validate_model
 from nnpipe.data import read_dataset
 from nnpipe.diagnostics import diagnose, format_findings
 
-from ._stage import best_config, log_history, pretrained_params, run, tracker_for
+from ._stage import (add_pretrained_argument, best_config, log_history, pretrained_params, run,
+                     tracker_for)
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--best", help="the search stage's best_params.json (may be {})")
-    parser.add_argument("--pretrained", help="the pretrain stage's folder (used when "
-                                             "pretrain.enabled)")
+    add_pretrained_argument(parser)
     parser.add_argument("--metrics", required=True, help="JSON metrics file")
     parser.add_argument("--oof", required=True, help="out-of-fold predictions (.npz)")
     parser.add_argument("--table", required=True, help="per-fold metrics CSV (dvc plots)")
@@ -34,10 +34,7 @@ def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
     cfg = best_config(cfg, args.best)
     cv = cfg.cv.model_dump(exclude_unset=True)
-    reuse = pretrained_params(cfg, args.pretrained)
-    if reuse:
-        print(f"[cv] every fold starts from the pretrained encoder {args.pretrained} "
-              f"({reuse['transfer_layers']})")
+    reuse = pretrained_params(cfg, args.pretrained, announce="[cv] every fold")
     with tracker_for(cfg, "cv") as tracker:
         pipe = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise",
                                   verbose=cfg.train.get("verbose", 0), **reuse)

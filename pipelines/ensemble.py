@@ -1,8 +1,9 @@
 """DVC stage ``ensemble``: build, save and log the ensemble declared in params.yaml.
 
-Members use the configuration ``train`` uses (params.yaml plus the search's best parameters, and
-with ``pretrain.enabled`` the pretrain stage's encoder as their starting point); ``kind: topk``
-takes the best configurations of the search instead (trained from scratch, as in the search). Logs a parent MLflow run
+Members use the configuration ``train`` uses (params.yaml plus the search's best parameters,
+and with ``pretrain.enabled`` the pretrain stage's encoder as their starting point);
+``kind: topk`` takes the best configurations of the search instead (trained from scratch, as
+in the search). Logs a parent MLflow run
 with a nested run per member. When ``ensemble.enabled`` is false it writes only a note, and
 ``evaluate`` reports the single model.
 """
@@ -16,15 +17,15 @@ from nnpipe import save
 from nnpipe.config import ensemble_kwargs
 from nnpipe.data import read_dataset
 
-from ._stage import best_config, log_history, pretrained_params, run, tracker_for
+from ._stage import (add_pretrained_argument, best_config, log_history, pretrained_params, run,
+                     tracker_for)
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--best", help="the search stage's best_params.json")
     parser.add_argument("--top", help="the search stage's top_trials.json (kind: topk)")
-    parser.add_argument("--pretrained", help="the pretrain stage's folder (used when "
-                                             "pretrain.enabled)")
+    add_pretrained_argument(parser)
     parser.add_argument("--out", required=True, help="folder for the saved ensemble")
 
 
@@ -62,10 +63,7 @@ def _body(args, cfg, outputs):
             print("[ensemble] kind: topk members train from scratch, as their search trials did "
                   "(the pretrained encoder has the best configuration's architecture only)")
     else:
-        reuse = pretrained_params(cfg, args.pretrained)
-        if reuse:
-            print(f"[ensemble] every member starts from the pretrained encoder {args.pretrained} "
-                  f"({reuse['transfer_layers']})")
+        reuse = pretrained_params(cfg, args.pretrained, announce="[ensemble] every member")
     base = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise", verbose=0, **reuse)
     cls = EnsembleRegressor if ds.task == "regression" else EnsembleClassifier
     with tracker_for(cfg, "ensemble", params={"ensemble": section}) as tracker:

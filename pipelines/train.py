@@ -16,7 +16,7 @@ from nnpipe.data import read_dataset
 from nnpipe.diagnostics import diagnose, format_findings
 from nnpipe.plots import learning_curves, learning_curves_table
 
-from ._stage import best_config, pretrained_params, run, tracker_for
+from ._stage import add_pretrained_argument, best_config, pretrained_params, run, tracker_for
 
 
 def _args(parser):
@@ -26,8 +26,7 @@ def _args(parser):
     parser.add_argument("--metrics", required=True, help="JSON metrics file")
     parser.add_argument("--curves", required=True, help="learning curves CSV (dvc plots)")
     parser.add_argument("--plot", required=True, help="learning curves PNG")
-    parser.add_argument("--pretrained", help="the pretrain stage's folder (used when "
-                                             "pretrain.enabled)")
+    add_pretrained_argument(parser)
 
 
 def fit_pipeline(cfg, ds, tracker, **overrides):

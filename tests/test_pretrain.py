@@ -234,6 +234,28 @@ def test_pretrain_stage_uses_every_row_and_warns_without_unlabeled_ones(tmp_path
     assert counts == {"n_rows": 1347, "n_unlabeled": 0}
 
 
+
+def test_stages_get_the_fine_tuning_params_of_the_pretrained_encoder(tmp_path, capsys):
+    """What train, cv and ensemble pass their networks: nothing when pretraining is off, the
+    encoder's transfer / freeze params when on, and a clear error without the folder."""
+    from pipelines._stage import pretrained_params
+
+    assert pretrained_params(validate_config(TINY), None) == {}
+    cfg = validate_config({**TINY, "pretrain": {"enabled": True, "freeze": True,
+                                                "lr_multiplier": 0.1}})
+    with pytest.raises(ValueError, match=r"pretrain.enabled is true, but .* \(--pretrained "):
+        pretrained_params(cfg, None)
+    rng = np.random.default_rng(0)
+    pre = Pretrainer(max_epochs=1, train_split=None, random_state=0).fit(
+        rng.normal(size=(40, 6)).astype(np.float32))
+    folder = save(pre, tmp_path / "pretrained")
+    reuse = pretrained_params(cfg, str(folder), announce="[cv] every fold")
+    assert reuse == {"transfer_from": str(folder), "transfer_layers": ["hidden.*"],
+                     "freeze": ["hidden.*"], "lr_multipliers": {"hidden.*": 0.1}}
+    assert (f"[cv] every fold starts from the pretrained encoder {folder} (['hidden.*'])"
+            in capsys.readouterr().out)
+
+
 @parametrize_with_checks(
     [Pretrainer(max_epochs=5, lr=1e-2, train_split=None)],
     expected_failed_checks=lambda est: {

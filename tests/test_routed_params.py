@@ -57,6 +57,9 @@ def _fit_error(**params):
                                "patience, an int >= 1, got 2.5."),
     (dict(activation="leaky_relu", activation__negative_slope="steep"),  # torch checks in forward
      "activation__negative_slope was rejected by LeakyReLU, got 'steep'"),
+    (dict(activation="gelu", activation__approximate="exact"),  # torch: a RuntimeError, in forward
+     "activation__approximate was rejected by GELU, got 'exact': approximate argument must be "
+     "either none or tanh"),
     (dict(activation="elu", activation__alpah=0.5),
      "activation__alpah is not a parameter of ELU; valid: ['activation__alpha', "
      "'activation__inplace']. Did you mean 'alpha'?"),
@@ -134,3 +137,19 @@ def test_valid_routed_params_pass_and_train(blobs):
     reg = NNRegressor(max_epochs=2, criterion="huber", criterion__delta=0.5, random_state=0)
     reg.fit(X, X[:, :1] * 2)
     assert reg.criterion_.delta == 0.5
+
+
+def test_the_activation_probe_keeps_good_values_and_the_random_state():
+    """PReLU's slope count is the layer's width (checked by its first batch, not by a probe of
+    another width); an RReLU probe draws from a forked generator, so a seeded fit is unchanged;
+    a user's activation class is only built (it may need its own input shape)."""
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    for params in (dict(activation="prelu", activation__num_parameters=16),
+                   dict(activation="rrelu", activation__lower=0.1, activation__upper=0.2),
+                   dict(activation=torch.nn.Softmax2d, module="cnn2d", input_shape=(1, 8, 8))):
+        NNClassifier(**params).validate_params(n_features=64, n_outputs=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(ValueError, match="activation__inplace was rejected by Softmax2d, got True"):
+        NNClassifier(activation=torch.nn.Softmax2d, activation__inplace=True, module="cnn2d",
+                     input_shape=(1, 8, 8)).validate_params(n_features=64, n_outputs=2)

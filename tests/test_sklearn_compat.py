@@ -95,8 +95,18 @@ def test_set_params_stores_callbacks_and_fit_checks_them(blobs):
     X, y = blobs
     clf = NNClassifier(max_epochs=2, random_state=0).set_params(callbacks=5)
     assert clf.get_params()["callbacks"] == 5
-    with pytest.raises(TypeError, match=r"callbacks must be a list .* got 5"):
+    with pytest.raises(TypeError, match=r"callbacks must be None, 'disable' .* got 5"):
         clf.fit(X, y)
+    with pytest.raises(TypeError, match=r"or a list of skorch callbacks .* got \(1,\)"):
+        clf.set_params(callbacks=(1,)).fit(X, y)
     scoring = EpochScoring("accuracy", on_train=True, name="train_acc")
-    clf.set_params(callbacks=[scoring]).fit(X, y)
+    clf.set_params(callbacks=[("train_acc", scoring)],
+                   callbacks__train_acc__lower_is_better=True).fit(X, y)
     assert len(clf.history[:, "train_acc"]) == 2
+    assert dict(clf.callbacks_)["train_acc"].lower_is_better is True
+    # skorch's "disable": no callbacks at all, and training still runs (also on a fitted net)
+    clf.set_params(callbacks="disable").partial_fit(X, y)
+    assert clf.callbacks_ == [] and len(clf.history) == 4  # 2 more epochs
+    assert "train_loss" not in clf.history[-1]  # no scoring callback ran
+    fresh = NNClassifier(max_epochs=2, random_state=0, callbacks="disable").fit(X, y)
+    assert fresh.callbacks_ == [] and len(fresh.history) == 2
