@@ -31,7 +31,7 @@ from ._routed import accepted_names, check_routed
 from .augment import Augmenter, tta_views
 from .callbacks import GradientValueClipping, LRSchedule, MaxNorm, NNEarlyStopping
 from .data_iter import TensorBatches, TensorDataset
-from .models import ACTIVATIONS, MODULES
+from .models import ACTIVATIONS, MODULES, _activation_name
 from .transfer import check_lr_multipliers, lr_multiplier_groups
 
 __all__ = ["NNClassifier", "NNRegressor", "DivergenceError", "OPTIMIZERS", "CRITERIA"]
@@ -415,7 +415,7 @@ class _NNMixin:
         if self._own_module() and act_kwargs:
             act = ACTIVATIONS.get("relu" if self.activation is None else self.activation,
                                   accept=_is_subclass(nn.Module))
-            ours = act in {ACTIVATIONS.get(name) for name in ACTIVATIONS.names()}
+            ours = bool(_activation_name(act))  # a registered (nnpipe / torch) activation
 
             def activation(kw):
                 module = act(**kw)
@@ -611,8 +611,9 @@ class _NNMixin:
         return self
 
     def _initialize_callbacks(self):
-        super()._initialize_callbacks()  # callbacks="disable" skips initialize_callbacks
-        self._index_hooks()
+        super()._initialize_callbacks()
+        if self.callbacks == "disable":  # skorch skips initialize_callbacks (and its index) then
+            self._index_hooks()
         return self
 
     def _index_hooks(self):
