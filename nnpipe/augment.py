@@ -504,11 +504,8 @@ def preview(augmenter: Augmenter, X, input_shape, path, n_samples: int = 8, n_vi
 
     Returns the path. Works for images ``(C, H, W)`` (RGB or grey) and sequences ``(C, L)``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch, no open figure
 
     shape = tuple(input_shape)
     augmenter.check_shape(shape)
@@ -516,8 +513,8 @@ def preview(augmenter: Augmenter, X, input_shape, path, n_samples: int = 8, n_vi
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         views = [X] + [augmenter(X.clone()) for _ in range(n_views)]
-    fig, axes = plt.subplots(len(X), len(views), figsize=(1.6 * len(views), 1.6 * len(X)),
-                             squeeze=False)
+    fig = Figure(figsize=(1.6 * len(views), 1.6 * len(X)))
+    axes = fig.subplots(len(X), len(views), squeeze=False)
     for i in range(len(X)):
         for j, batch in enumerate(views):
             ax = axes[i, j]
@@ -534,5 +531,4 @@ def preview(augmenter: Augmenter, X, input_shape, path, n_samples: int = 8, n_vi
                 ax.set_title("original" if j == 0 else f"augmented {j}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -7,6 +7,7 @@ Most are built for you from the estimators' top-level knobs (``max_norm``, ``cli
 
 from __future__ import annotations
 
+import logging
 import math
 from numbers import Integral, Real
 from typing import Any, Dict, Optional
@@ -18,7 +19,19 @@ from torch import nn
 from ._registry import invalid_value
 from .schedules import ScheduleContext, make_schedule
 
-__all__ = ["MaxNorm", "GradientValueClipping", "LRSchedule", "NNEarlyStopping"]
+__all__ = ["MaxNorm", "GradientValueClipping", "LRSchedule", "NNEarlyStopping",
+           "training_batches", "log_info"]
+
+logger = logging.getLogger(__name__)
+
+
+def log_info(message: str) -> None:
+    """A skorch ``sink``: ``message`` to the ``nnpipe.callbacks`` logger at INFO level.
+
+    nnpipe's callbacks report through :mod:`logging` instead of printing; an application
+    shows the messages by configuring logging, e.g. ``logging.basicConfig(level="INFO")``.
+    """
+    logger.info(message)
 
 
 class MaxNorm(Callback):
@@ -72,12 +85,36 @@ def json_safe(value: Any, what: str) -> Any:
                     "training checkpoint holds numbers, text, lists and tensors only.")
 
 
+def training_batches(net, dataset_train) -> Optional[int]:
+    """The number of batches one training epoch of ``net`` runs over ``dataset_train``.
+
+    It is the length of the very iterator the epoch uses (``net.get_iterator(dataset_train,
+    training=True)``), so ``iterator_train__batch_size``, ``iterator_train__drop_last``, a custom
+    ``iterator_train`` and the rows ``train_split`` leaves for training all count. None when that
+    iterator has no length (an iterable dataset).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nnpipe import NNClassifier
+    >>> from nnpipe.data_iter import TensorDataset
+    >>> net = NNClassifier(batch_size=64, iterator_train__batch_size=16)
+    >>> training_batches(net, TensorDataset.from_arrays(np.zeros((100, 2)), np.zeros(100)))
+    7
+    """
+    try:
+        return len(net.get_iterator(dataset_train, training=True))
+    except TypeError:  # len() of an iterator over an IterableDataset
+        return None
+
+
 class LRSchedule(Callback):
     """Drive the optimizer's learning rate with a schedule from :mod:`nnpipe.schedules`.
 
     The torch scheduler is built at the first epoch, when the number of batches per epoch is
-    known, and stepped per batch or per epoch as the schedule needs. The learning rate in force
-    during each epoch is recorded in ``net.history[:, "lr"]``; per-batch schedules also record
+    known (:func:`training_batches`: the length of the training iterator itself), and stepped
+    per batch or per epoch as the schedule needs. The learning rate in force during each epoch
+    is recorded in ``net.history[:, "lr"]``; per-batch schedules also record
     ``net.history[-1, "batches", :, "lr"]``.
     """
 
@@ -103,9 +140,8 @@ class LRSchedule(Callback):
 
     def on_epoch_begin(self, net, dataset_train=None, **kwargs):
         if self.scheduler_ is None:
-            batch_size = net.batch_size if net.batch_size > 0 else len(dataset_train)
-            steps = max(1, math.ceil(len(dataset_train) / batch_size))
-            ctx = ScheduleContext(max_epochs=int(net.max_epochs), steps_per_epoch=steps)
+            ctx = ScheduleContext(max_epochs=int(net.max_epochs),
+                                  steps_per_epoch=training_batches(net, dataset_train))
             groups = net.optimizer_.param_groups
             resumed = [dict(g) for g in groups]  # building a scheduler resets the groups' lr
             self.scheduler_, self.step_every_ = make_schedule(
@@ -143,10 +179,15 @@ class LRSchedule(Callback):
 class NNEarlyStopping(EarlyStopping):
     """skorch's :class:`~skorch.callbacks.EarlyStopping` that restores the best weights by default
     and remembers that it stopped the run (skorch signals the stop with ``KeyboardInterrupt``,
-    which nnpipe must tell apart from a real Ctrl-C)."""
+    which nnpipe must tell apart from a real Ctrl-C).
+
+    Its "Stopping since ..." and "Restoring best model ..." messages go to ``sink``: by default
+    the ``nnpipe.callbacks`` logger at INFO level (:func:`log_info`), whatever the net's
+    ``verbose``; ``sink=print`` prints them, as skorch does, only when ``verbose``.
+    """
 
     def __init__(self, monitor="valid_loss", patience=5, threshold=1e-4, threshold_mode="rel",
-                 lower_is_better=None, sink=print, load_best=True):
+                 lower_is_better=None, sink=log_info, load_best=True):
         # skorch compares these only at the end of each epoch: a wrong type would fail there
         if not isinstance(patience, Integral) or isinstance(patience, bool) or patience < 1:
             raise invalid_value("patience", patience, "an int >= 1 (epochs without improvement)")
@@ -195,4 +236,7 @@ class NNEarlyStopping(EarlyStopping):
             super().on_epoch_end(net, **kwargs)
         except KeyboardInterrupt:
             self.stopped_ = True
+            if not net.verbose and self.sink is not print:  # skorch says it only when verbose
+                self.sink(f"Stopping since {self.monitor} has not improved in the last "
+                          f"{self.patience} epochs.")
             raise

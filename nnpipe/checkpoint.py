@@ -12,7 +12,6 @@ uninterrupted run ends with (on the CPU; on CUDA as far as its kernels are deter
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -129,9 +128,9 @@ class Checkpoint(Callback):
         if self.event_name is not None:
             net.history.record(self.event_name, do)  # before saving: the saved history says so
         if do:
-            with warnings.catch_warnings():  # "callbacks are not saved": known, and per epoch
-                warnings.filterwarnings("ignore", message="nnpipe.save: the callbacks")
-                save(net, self.dirname, training_state=training_state(net, self))
+            # with a training_state, save knows the callbacks are left out: no warning, and no
+            # process-wide warnings filter to change
+            save(net, self.dirname, training_state=training_state(net, self))
             if key in row:
                 self.best_ = row[key]
 

@@ -9,11 +9,13 @@ before any member trains: the selection never sees the test set, nor rows the me
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import os
 from numbers import Integral, Real
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -24,6 +26,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ._registry import Registry, invalid_value
 
 __all__ = ["EnsembleClassifier", "EnsembleRegressor", "KINDS", "COMBINERS"]
+
+logger = logging.getLogger(__name__)
 
 KINDS = Registry("ensemble.kind", "a member strategy")
 for _k in ("seeds", "topk", "bagging", "snapshot", "checkpoints", "swa"):
@@ -47,19 +51,33 @@ def _int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the count found before."""
+    previous = torch.get_num_threads()
+    if threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 def _fit_member(est, X, y, seed: int, threads: int, caller=None):
     """Fit one member (in a joblib worker): one torch thread by default, no oversubscription.
 
     ``caller`` is ``(pid, torch threads)`` of the process that started the ensemble. In a worker
     *thread* of that process (threading backend, an in-process dask cluster) the members take
     turns (nnpipe trains one network at a time per process), so each uses the caller's thread
-    count -- and leaves it as it was: ``torch.set_num_threads`` in any thread sets the count
-    every later thread starts with, and the count changes CPU kernels' float results.
+    count. The count found before is restored afterwards: ``torch.set_num_threads`` is
+    process-wide (it sets the count every later thread starts with, and the count changes CPU
+    kernels' float results), and a reused worker process runs other code after this member.
     """
     if caller is not None and caller[0] == os.getpid():
         threads = caller[1]
-    torch.set_num_threads(threads)
-    return est.fit(X, y), seed
+    with _torch_threads(threads):
+        return est.fit(X, y), seed
 
 
 def _fit_with_retry(est, X, y, seed, threads, spare_seed, max_retries, caller=None):
@@ -72,7 +90,10 @@ def _fit_with_retry(est, X, y, seed, threads, spare_seed, max_retries, caller=No
             return _fit_member(est, X, y, seed, threads, caller)
         except DivergenceError as exc:
             attempts.append(f"seed {seed}: {exc}")
-            seed = spare_seed + 1000 * (attempt + 1)
+            failed, seed = seed, spare_seed + 1000 * (attempt + 1)
+            if attempt < max_retries:
+                logger.info("ensemble member with seed %d diverged (%s); retrying with seed %d",
+                            failed, exc, seed)
             est.set_params(**{_prefix(est) + "random_state": seed})
     raise RuntimeError("ensemble member diverged and was not dropped from the average: "
                        + " | ".join(attempts) + ". Lower lr or set clip_grad_norm.")

@@ -184,13 +184,15 @@ _FITTED_ATTRS = ("classes_inferred_", "n_features_in_", "feature_names_in_", "n_
                  "y_ndim_", "seed_", "sample_shape_", "folded_bn_paths_")
 
 
-def _nn_params(est) -> Dict[str, Any]:
+def _nn_params(est, warn_callbacks: bool = True) -> Dict[str, Any]:
     params = est.get_params(deep=False)
     encoded = {}
     for key, value in params.items():
         if key == "callbacks" and value:
-            warnings.warn(f"nnpipe.save: the callbacks {value!r} are not saved (they only matter "
-                          "for training); pass them again to continue training.", stacklevel=3)
+            if warn_callbacks:
+                warnings.warn(f"nnpipe.save: the callbacks {value!r} are not saved (they only "
+                              "matter for training); pass them again to continue training.",
+                              stacklevel=3)
             value = None
         if key == "transfer_from" and value is not None and not isinstance(value, (str, os.PathLike)):
             value = None  # the transferred weights are in the saved weights already
@@ -209,7 +211,8 @@ def save(estimator, directory: os.PathLike, *, training_state=None) -> Path:
     are written with skops (sklearn's secure, pickle-free format), its network as below.
     ``training_state`` (``(tensors, json-able dict)``, for one network only) is what
     :class:`~nnpipe.checkpoint.Checkpoint` adds so that a run resumes exactly: it is committed
-    with the weights, in the same ``model.json``.
+    with the weights, in the same ``model.json``. The estimator's ``callbacks`` are never saved;
+    a ``UserWarning`` says so, except for such a training checkpoint.
 
     Examples
     --------
@@ -363,7 +366,8 @@ def _save_net(estimator, directory: Path, training_state=None) -> Path:
     manifest = {
         "format": "nnpipe", "format_version": FORMAT_VERSION,
         "class": type(estimator).__name__,
-        "params": _nn_params(estimator),
+        # a training checkpoint (training_state) leaves the run's callbacks out knowingly
+        "params": _nn_params(estimator, warn_callbacks=training_state is None),
         "fitted": json.loads(json.dumps(fitted, default=_json_default)),
         "history": json.loads(json.dumps(_timeless(estimator.history_.to_list()),
                                          default=_json_default)),

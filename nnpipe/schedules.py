@@ -29,7 +29,7 @@ per epoch, ``power=1``; ``exponential``: ``decay_rate=0.1``, ``decay_steps`` = a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from torch.optim import lr_scheduler as torch_sched
 
@@ -40,14 +40,29 @@ __all__ = ["SCHEDULES", "ScheduleContext", "make_schedule"]
 
 @dataclass(frozen=True)
 class ScheduleContext:
-    """What a schedule needs to know about the run it paces."""
+    """What a schedule needs to know about the run it paces.
+
+    ``steps_per_epoch`` is the number of training batches (optimizer steps) one epoch really
+    runs -- the length of the training iterator -- or None when that iterator has no length;
+    a schedule stepped per batch then cannot be paced and :meth:`batches` says so.
+    """
 
     max_epochs: int
-    steps_per_epoch: int
+    steps_per_epoch: Optional[int]
+
+    def batches(self) -> int:
+        """``steps_per_epoch``, at least 1; a ``ValueError`` when it is unknown (None)."""
+        if self.steps_per_epoch is None:
+            raise ValueError("this lr_schedule steps once per batch and needs the number of "
+                             "training batches per epoch, but the training iterator has no "
+                             "len() (an iterable dataset?); use a schedule stepped per epoch "
+                             "('piecewise', 'plateau') or an iterator with a length.")
+        return max(1, int(self.steps_per_epoch))
 
     @property
     def total_steps(self) -> int:
-        return max(1, self.max_epochs * self.steps_per_epoch)
+        """Optimizer steps over the whole run: ``max_epochs`` x batches per epoch."""
+        return max(1, self.max_epochs * self.batches())
 
 
 SCHEDULES = Registry("lr_schedule", "a torch.optim.lr_scheduler class")
@@ -67,7 +82,7 @@ def _positive(name: str, value: Any) -> None:
 
 @_schedule("power")
 def power(optimizer, ctx: ScheduleContext, decay_steps=None, power=1.0):
-    decay_steps = ctx.steps_per_epoch if decay_steps is None else decay_steps
+    decay_steps = ctx.batches() if decay_steps is None else decay_steps
     _positive("decay_steps", decay_steps)
     return torch_sched.LambdaLR(optimizer, lambda t: (1 + t / decay_steps) ** -power), "batch"
 
@@ -132,7 +147,7 @@ def cosine_restarts(optimizer, ctx: ScheduleContext, cycle_epochs=10, mult=1, et
     _positive("cycle_epochs", cycle_epochs)
     if not isinstance(mult, int) or mult < 1:
         raise invalid_value("lr_schedule__mult", mult, "an int >= 1")
-    t0 = max(1, int(round(cycle_epochs * ctx.steps_per_epoch)))
+    t0 = max(1, int(round(cycle_epochs * ctx.batches())))
     return torch_sched.CosineAnnealingWarmRestarts(optimizer, T_0=t0, T_mult=mult,
                                                    eta_min=eta_min), "batch"
 

@@ -1,7 +1,5 @@
 """Augmentation: what each op does, that it touches training batches only, and its errors."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ from sklearn.preprocessing import StandardScaler
 
 from nnpipe import NNClassifier
 from nnpipe.augment import (Augmenter, Cutout, GaussianNoise, HorizontalFlip, HSVJitter, OPS,
-                            RandomCrop, Roll, Rotation, Scale, Shift, VerticalFlip, _Op, preview)
+                            RandomCrop, Roll, Rotation, Shift, VerticalFlip, _Op, preview)
 
 
 def _imgs(n=64, c=1, h=8, w=8, seed=0):
@@ -255,6 +253,20 @@ def test_preview_writes_a_png_grid(tmp_path, digits):
 
     img = mpimg.imread(path)
     assert img.shape[0] > 300 and img.shape[1] > 300
+
+
+def test_preview_leaves_matplotlib_backend_and_pyplot_alone(tmp_path, digits):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        preview(Augmenter.from_config({"noise": {}}), digits[0], (1, 8, 8),
+                tmp_path / "p.png", n_samples=2, n_views=1)
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)
 
 
 def test_fused_warp_matches_kornia_warp_affine():

@@ -128,3 +128,80 @@ def test_torch_scheduler_class_is_accepted(blobs):
                        lr_schedule__step_size=1, lr_schedule__gamma=0.5, random_state=0).fit(X, y)
     assert clf.history[:, "lr"] == pytest.approx([LR0, LR0 / 2, LR0 / 4])
     assert math.isclose(clf.optimizer_.param_groups[0]["lr"], LR0 / 8)
+
+
+# --- per-batch schedules are paced by the real number of training batches per epoch
+
+def _reference(name, ctx, n_steps, lr, **params):
+    """The lr in force at each of ``n_steps`` steps of schedule ``name`` paced by ``ctx``."""
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched, _ = make_schedule(name, opt, ctx, **dict(params))
+    lrs = []
+    for _ in range(n_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return np.array(lrs), opt.param_groups[0]["lr"]
+
+
+def _batch_lrs(clf):
+    return np.array([b["lr"] for epoch in clf.history for b in epoch["batches"] if "lr" in b])
+
+
+# blobs: 300 rows, 240 of them train with the default train_split=0.2
+@pytest.mark.parametrize("knobs, per_epoch", [
+    (dict(iterator_train__batch_size=16), 15),                         # 240 / 16
+    (dict(iterator_train__drop_last=True), 3),                          # floor(240 / 64)
+    (dict(train_split=None, iterator_train__batch_size=16), 19),       # ceil(300 / 16)
+    (dict(iterator_train__batch_size=100, iterator_train__drop_last=True), 2),  # floor(240 / 100)
+], ids=["train_batch_16", "drop_last", "no_split", "train_batch_100_drop_last"])
+def test_onecycle_is_paced_by_the_real_training_batches(blobs, knobs, per_epoch):
+    X, y = blobs
+    epochs, lr = 3, 0.01
+    clf = NNClassifier(max_epochs=epochs, lr=lr, batch_size=64, lr_schedule="onecycle",
+                       random_state=0, **knobs).fit(X, y)
+    assert [sum("train_loss" in b for b in row["batches"]) for row in clf.history] \
+        == [per_epoch] * epochs
+    sched = dict(clf.callbacks_)["lr_schedule"].scheduler_
+    assert sched.total_steps == per_epoch * epochs
+    expected, _ = _reference("onecycle", ScheduleContext(epochs, per_epoch), per_epoch * epochs, lr)
+    lrs = _batch_lrs(clf)
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    assert lrs[-1] == pytest.approx(lr / 25 / 1e4, rel=1e-6)  # OneCycleLR's final lr
+
+
+@pytest.mark.parametrize("name, params", [
+    ("onecycle", {}), ("cosine", {"eta_min": 1e-4}), ("cosine_restarts", {"cycle_epochs": 1}),
+    ("power", {}), ("exponential", {}),
+])
+def test_every_per_batch_schedule_counts_iterator_train_batches(blobs, name, params):
+    X, y = blobs  # 240 training rows in batches of 16: 15 steps per epoch, not 240 / 64 = 4
+    epochs, lr, per_epoch = 2, 0.01, 15
+    clf = NNClassifier(max_epochs=epochs, lr=lr, batch_size=64, iterator_train__batch_size=16,
+                       lr_schedule=name, random_state=0,
+                       **{f"lr_schedule__{k}": v for k, v in params.items()}).fit(X, y)
+    expected, final = _reference(name, ScheduleContext(epochs, per_epoch), per_epoch * epochs,
+                                 lr, **params)
+    np.testing.assert_allclose(_batch_lrs(clf), expected, rtol=1e-6)
+    assert clf.optimizer_.param_groups[0]["lr"] == pytest.approx(final, rel=1e-6)
+
+
+@pytest.mark.parametrize("knobs", [dict(iterator_train__batch_size=16),
+                                   dict(iterator_train__drop_last=True),
+                                   dict(train_split=None, iterator_train__batch_size=32)],
+                         ids=["train_batch_16", "drop_last", "no_split"])
+def test_cosine_reaches_eta_min_with_the_last_batch(blobs, knobs):
+    X, y = blobs
+    clf = NNClassifier(max_epochs=2, lr=0.01, batch_size=64, lr_schedule="cosine",
+                       lr_schedule__eta_min=1e-4, random_state=0, **knobs).fit(X, y)
+    lrs = _batch_lrs(clf)
+    assert np.all(np.diff(lrs) < 0) and lrs[-1] > 1e-4  # annealing all the way, not restarting
+    assert clf.optimizer_.param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-9)
+
+
+def test_a_per_batch_schedule_without_a_batch_count_says_so():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR0)
+    with pytest.raises(ValueError, match="number of training batches per epoch"):
+        make_schedule("cosine", opt, ScheduleContext(max_epochs=3, steps_per_epoch=None))
+    sched, every = make_schedule("piecewise", opt, ScheduleContext(3, None))  # per epoch: fine
+    assert every == "epoch"
