@@ -14,26 +14,31 @@ Every problem is reported at once, each naming its key path, the value and what 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ._datashape import (DIGITS_SHAPE, DataShape, DataShapeError, prepared_shape,
+                         source_shape)
 from ._registry import did_you_mean
+from .exceptions import NnpipeError
 
 __all__ = ["Config", "ConfigError", "load_config", "validate_config", "with_overrides",
-           "json_schema",
+           "check_against_data", "data_shape", "json_schema", "DataShape",
            "MODEL_KEYS", "SECTIONS"]
 
 
-class ConfigError(ValueError):
+class ConfigError(NnpipeError, ValueError):
     """params.yaml is invalid; ``problems`` lists ``(key path, message)`` pairs."""
 
     def __init__(self, source: str, problems: List[Tuple[str, str]]):
@@ -232,7 +237,7 @@ class Config:
 
         steps = []
         for i, step in enumerate(self.preprocess):
-            name, params = (step, {}) if isinstance(step, str) else next(iter(step.items()))
+            name, params = _step(step)
             steps.append((f"{i}_{name}", make_preprocessor(name, **(params or {}))))
         return steps
 
@@ -276,43 +281,123 @@ def _fields_of(loc: List[str]) -> List[str]:
     return []
 
 
-def _check_estimator_sections(cfg: Config, problems: List[Tuple[str, str]]) -> None:
-    keys = _estimator_keys(cfg.task)
-    for section in ("model", "train"):
-        for key in getattr(cfg, section):
-            routed = key.startswith(_ROUTED)
-            if not routed and key not in keys:
-                problems.append((f"{section}.{_key(key)}", "unknown key." + (
-                    did_you_mean(key, keys) or f" Allowed: {sorted(keys)}.")))
-                continue
-            in_model = key in MODEL_KEYS or key.startswith(_MODEL_PREFIXES)
-            if section == "model" and not in_model:
-                problems.append((f"model.{key}", "is a training setting: move it to train."))
-            if section == "train" and in_model:
-                problems.append((f"train.{key}", "is an architecture setting: move it to model."))
-    if problems:
-        return
+Problems = List[Tuple[str, str]]
+
+
+def _retry_dropping(check: Callable[[], None], locate: Callable[[str], Tuple[str, str]],
+                    drop: Callable[[str], bool], problems: Problems, rounds: int,
+                    errors: Tuple[type, ...] = (ValueError,)) -> None:
+    """Run ``check`` until it passes, so that a check that stops at its first error still
+    reports every problem: each error is located (``locate``: message -> (key path, message)),
+    recorded, and its key dropped (``drop``: key path -> whether anything was dropped) before
+    the next of at most ``rounds`` rounds."""
+    for _ in range(rounds):
+        try:
+            check()
+            return
+        except errors as exc:
+            problem = locate(str(exc))
+            if problem not in problems:
+                problems.append(problem)
+            if not drop(problem[0]):
+                return
+
+
+def _misplaced(section: str, key: str, keys: List[str]) -> Optional[str]:
+    """Why ``key`` does not belong in ``section`` (``model`` / ``train``), or None."""
+    if not key.startswith(_ROUTED) and key not in keys:
+        return "unknown key." + (did_you_mean(key, keys) or f" Allowed: {sorted(keys)}.")
+    in_model = key in MODEL_KEYS or key.startswith(_MODEL_PREFIXES)
+    if section == "model" and not in_model:
+        return "is a training setting: move it to train."
+    if section == "train" and in_model:
+        return "is an architecture setting: move it to model."
+    return None
+
+
+def _config_shape(cfg: Config) -> Optional[Tuple[int, ...]]:
+    """The sample shape known without the data: ``model.input_shape`` when it is a valid one,
+    else (1, 8, 8) for the embedded digits; None when only the data can tell."""
     shape = cfg.model.get("input_shape")
     if shape is None and cfg.data.source in (None, "digits"):
-        shape = (1, 8, 8)  # the embedded default dataset
-    # without a known sample shape (it comes with the data, after prepare) the image ops and
-    # CNN sizes are checked by the train stage before it fits
-    overrides = {} if shape is not None else {"augment": None, "tta": None}
-    try:
+        return DIGITS_SHAPE
+    valid = isinstance(shape, (list, tuple)) and shape and all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    return tuple(shape) if valid else None
+
+
+def _drop_estimator_key(cfg: Config, path: str) -> bool:
+    """Drop ``model.<key>`` / ``train.<key>`` and the parameters routed to it (``<key>__*``)."""
+    section, _, key = path.partition(".")
+    if section not in ("model", "train") or not key:
+        return False
+    dropped = False
+    for params in (cfg.model, cfg.train):
+        for name in [k for k in params if k == key or k.startswith(key + "__")]:
+            del params[name]
+            dropped = True
+    return dropped
+
+
+def _check_estimator_sections(cfg: Config, problems: Problems) -> None:
+    keys = _estimator_keys(cfg.task)
+    for section in ("model", "train"):
+        params = getattr(cfg, section)
+        for key in list(params):
+            why = _misplaced(section, key, keys)
+            if why:
+                problems.append((f"{section}.{_key(key)}", why))
+                del params[key]
+    shape = _config_shape(cfg)
+    # augment is checked op by op (_check_augment); without a known sample shape (it comes with
+    # the data: check_against_data) the CNN sizes and tta are checked later
+    overrides = {"augment": None, **({} if shape is not None else {"tta": None})}
+
+    def check() -> None:
         est = cfg.build_estimator(input_shape=shape, **overrides)
         try:
             n_features = math.prod(est.input_shape) if est.input_shape is not None else None
         except TypeError:
             n_features = None  # validate_params says what is wrong with input_shape
         est.validate_params(n_features=n_features)
-    except ValueError as exc:
-        problems.append(_locate(str(exc), cfg))
+
+    _retry_dropping(check, lambda msg: _locate(msg, cfg),
+                    lambda path: _drop_estimator_key(cfg, path), problems,
+                    rounds=len(cfg.model) + len(cfg.train) + 1)
 
 
-def _check_pretrain(cfg: Config, problems: List[Tuple[str, str]]) -> None:
+def _augment_problems(augment: Dict[str, Any], shape: Optional[Tuple[int, ...]],
+                      check_shape: bool, context: str = "") -> Problems:
+    """Each op of an ``augment`` mapping built on its own and, with ``check_shape``, checked
+    against the sample shape by the same :meth:`Augmenter.check_shape` that ``fit`` calls."""
+    from .augment import Augmenter
+
+    problems = []
+    for name, params in augment.items():
+        try:
+            aug = Augmenter.from_config({name: params})
+            if check_shape:
+                aug.check_shape(shape)
+        except ValueError as exc:
+            problems.append((f"augment.{_key(name)}", f"{context}{exc}"))
+    return problems
+
+
+def _check_augment(cfg: Config, problems: Problems) -> None:
+    if not cfg.augment:
+        return
+    shape = _config_shape(cfg)
+    found = _augment_problems(cfg.augment, shape, check_shape=shape is not None)
+    problems.extend(found)
+    bad = {path for path, _ in found}
+    cfg.augment = {k: v for k, v in cfg.augment.items() if f"augment.{_key(k)}" not in bad}
+
+
+def _check_pretrain(cfg: Config, problems: Problems) -> None:
     pre = cfg.pretrain
     if pre is None or not pre.enabled:
         return
+    start = len(problems)
     why = "conflicts with pretrain.enabled, which sets it for the reused layers; remove one"
     for key in ("transfer_from", "transfer_layers"):
         if key in cfg.train:
@@ -328,11 +413,9 @@ def _check_pretrain(cfg: Config, problems: List[Tuple[str, str]]) -> None:
     if pre.noise_level is not None and pre.noise is None:
         problems.append(("pretrain.noise_level", "has no effect without pretrain.noise "
                                                  "('gaussian' or 'mask')"))
-    if problems:
+    if len(problems) > start:
         return
-    shape = cfg.model.get("input_shape")
-    if shape is None and cfg.data.source in (None, "digits"):
-        shape = (1, 8, 8)
+    shape = _config_shape(cfg)
     try:
         est = cfg.build_pretrainer(input_shape=shape)
         est.validate_params(n_features=math.prod(est.input_shape) if est.input_shape else None)
@@ -378,8 +461,55 @@ def _malformed(value: Any, path: str = "") -> List[Tuple[str, str]]:
     return []
 
 
-def validate_config(raw: Any, source: str = "params.yaml") -> Config:
-    """Validate a parsed params mapping; raise :class:`ConfigError` listing every problem."""
+def _prune(tree: Dict[str, Any], loc: Tuple[Any, ...]) -> bool:
+    """Delete the deepest mapping entry on a pydantic error location; whether one was found."""
+    node, last = tree, None
+    for part in loc:
+        if not (isinstance(node, dict) and part in node):
+            break
+        last, node = (node, part), node[part]
+    if last is None:
+        return False
+    del last[0][last[1]]
+    return True
+
+
+def _validate_root(body: Dict[str, Any], problems: Problems) -> Tuple[_Root, Dict[str, Any]]:
+    """The typed sections, and ``body`` without the values pydantic refused (their problems
+    are recorded), so that the other checks still run on everything else."""
+    body = copy.deepcopy(body)
+    for attempt in range(_MAX_PRUNE_ROUNDS):
+        try:
+            return _Root.model_validate(body), body
+        except ValidationError as exc:
+            if attempt == 0:  # pydantic reports every error at once; later rounds only prune
+                problems.extend(_pydantic_problems(exc, _fields_of))
+            if not any([_prune(body, tuple(err["loc"])) for err in exc.errors()]):
+                break
+    return _Root(), {}
+
+
+_MAX_PRUNE_ROUNDS = 20
+
+
+def _section_of(path: str) -> str:
+    return re.split(r"[.\[/]", path, maxsplit=1)[0]
+
+
+def validate_config(raw: Any, source: str = "params.yaml", data: Any = None) -> Config:
+    """Validate a parsed params mapping; raise :class:`ConfigError` listing every problem.
+
+    Parameters
+    ----------
+    raw : mapping
+        The parsed params.yaml.
+    source : str
+        Its name in messages.
+    data : DataShape, path, True or None
+        Also check what the data's shape decides (:func:`check_against_data`): a
+        :class:`DataShape`; the prepare stage's folder (its shape is read); ``True``: the shape
+        of the source that the ``data`` section names, read cheaply; None: no data check.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -389,59 +519,56 @@ def validate_config(raw: Any, source: str = "params.yaml") -> Config:
     if malformed:
         raise ConfigError(source, malformed)
     extra = {k: raw[k] for k in raw if k in ("search", "ensemble")}  # checked below
-    body = {k: v for k, v in raw.items() if k not in extra}
-    try:
-        root = _Root.model_validate(body)
-    except ValidationError as exc:
-        raise ConfigError(source, _pydantic_problems(exc, _fields_of)) from None
-    cfg = Config(source, raw, root.data, root.preprocess, root.augment, dict(root.model),
+    problems: Problems = []
+    root, clean = _validate_root({k: v for k, v in raw.items() if k not in extra}, problems)
+    augment = None if root.augment is None else dict(root.augment)
+    cfg = Config(source, raw, root.data, list(root.preprocess), augment, dict(root.model),
                  dict(root.train), root.cv, root.evaluate, root.tracking, extra,
                  pretrain=root.pretrain)
-    problems: List[Tuple[str, str]] = []
-    stage = "preprocess"
-    try:
-        _check_preprocess(cfg, problems)
-        stage = "augment"
-        if cfg.augment is not None:
-            try:
-                from .augment import Augmenter
-                Augmenter.from_config(cfg.augment)
-            except ValueError as exc:
-                problems.append(("augment", str(exc)))
-        stage = "model/train"
-        if not problems:
-            _check_estimator_sections(cfg, problems)
-        stage = "pretrain"
-        if not problems:
-            _check_pretrain(cfg, problems)
-        stage = "search"
-        if not problems and "search" in raw:
-            _check_search(raw, cfg, problems)
-        stage = "ensemble"
-        if not problems and "ensemble" in raw:
-            _check_ensemble(raw, cfg, problems)
-    except (TypeError, AttributeError, LookupError, ArithmeticError, StopIteration) as exc:
-        # a value of a form no check foresaw: still a ConfigError naming the section, never a
-        # traceback (``__cause__`` keeps the original; the fuzz tests treat this as a bug)
-        raise ConfigError(source, problems + [(stage, f"a value has a type or form that could "
-                                                      f"not be checked: {type(exc).__name__}: "
-                                                      f"{exc}")]) from exc
+    # each check records its problems and drops the values it refused from ``cfg`` (which is
+    # returned only when there are none), so that later checks see only what passed
+    checks = [("preprocess", _check_preprocess), ("augment", _check_augment),
+              ("model/train", _check_estimator_sections), ("pretrain", _check_pretrain),
+              ("ensemble", lambda c, p: _check_ensemble(raw, c, p)),
+              ("search", lambda c, p: _check_search(raw, c, p, clean)),
+              ("data", lambda c, p: _check_data(c, p, data))]
+    cause = None
+    for stage, check in checks:
+        try:
+            check(cfg, problems)
+        except (TypeError, AttributeError, LookupError, ArithmeticError, StopIteration) as exc:
+            # a value of a form no check foresaw: still a ConfigError naming the section, never
+            # a traceback (``__cause__`` keeps the original; the fuzz tests treat it as a bug)
+            cause = cause or exc
+            problems.append((stage, f"a value has a type or form that could not be checked: "
+                                    f"{type(exc).__name__}: {exc}"))
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems) from cause
     return cfg
 
 
-def _check_preprocess(cfg: Config, problems: List[Tuple[str, str]]) -> None:
+def _check_preprocess(cfg: Config, problems: Problems) -> None:
+    from .preprocessing import make_preprocessor
+
+    kept = []
     for i, step in enumerate(cfg.preprocess):
         if isinstance(step, dict) and len(step) != 1:
             problems.append((f"preprocess[{i}]", "each step must be a name or a mapping with one "
                                                  f"name: {{name: {{param: value}}}}, got {step!r}"))
-    if problems:
-        return
-    try:
-        cfg.build_preprocessing()
-    except ValueError as exc:
-        problems.append(("preprocess", str(exc)))
+            continue
+        name, params = _step(step)
+        try:
+            make_preprocessor(name, **(params or {}))
+        except ValueError as exc:
+            problems.append((f"preprocess[{i}]", str(exc)))
+            continue
+        kept.append(step)
+    cfg.preprocess = kept
+
+
+def _step(step: Any) -> Tuple[str, Optional[Dict[str, Any]]]:
+    """A ``preprocess`` entry as ``(name, params)``."""
+    return (step, {}) if isinstance(step, str) else next(iter(step.items()))
 
 
 @functools.lru_cache(maxsize=1)
@@ -459,33 +586,74 @@ def _search_types():
                         **{k: (t, None) for k, t in hints.items()})
 
 
-def _check_search(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, str]]) -> None:
+def _check_search(raw: Dict[str, Any], cfg: Config, problems: Problems,
+                  clean: Optional[Dict[str, Any]] = None) -> None:
+    from dataclasses import replace
+
     from .search import SearchSettings, validate_space
 
+    if "search" not in raw:
+        return
     section = raw.get("search")
     if section is not None and not isinstance(section, dict):
         problems.append(("search", f"must be a mapping of search settings, got {section!r}"))
         return
+    start, section = len(problems), dict(section or {})
     try:
-        _search_types().model_validate(section or {})
+        _search_types().model_validate(section)
     except ValidationError as exc:
-        problems.extend(("search." + ".".join(str(p) for p in err["loc"]),
-                         f"{err['msg'].lower()}, got {err.get('input')!r}") for err in exc.errors())
+        for err in exc.errors():
+            problems.append(("search." + ".".join(str(p) for p in err["loc"]),
+                             f"{err['msg'].lower()}, got {err.get('input')!r}"))
+            section.pop(err["loc"][0], None)
+    task = cfg.task or ("classification" if cfg.data.source in (None, "digits") else None)
+    found: List[Any] = []
+
+    def check() -> None:
+        found[:] = [SearchSettings.from_section(section, task)]
+
+    def drop(path: str) -> bool:
+        parts = path.split(".")
+        if len(parts) < 2 or parts[1] not in section:
+            return False
+        del section[parts[1]]
+        return True
+
+    _retry_dropping(check, lambda msg: _split_path(msg, "search"), drop, problems,
+                    rounds=len(section) + 1)
+    if len(problems) > start or not found:
         return
+    settings = found[0]
+    base = _space_base(raw, cfg, problems, clean) if settings.enabled else None
+    if base is not None:
+        for key, spec in settings.space.items():  # each entry on its own: every bad one is named
+            try:
+                validate_space(base, replace(settings, space={key: spec}))
+            except ValueError as exc:
+                problems.append(_split_path(str(exc), "search"))
+    cfg.search = settings
+
+
+def _space_base(raw: Dict[str, Any], cfg: Config, problems: Problems,
+                clean: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The file a search-space entry is checked against (each entry's value set in it): the
+    file itself when nothing else had a problem; else the file without the values refused
+    (the checks dropped them), if that validates; else None (the space is not checked)."""
+    if not problems:
+        return {k: v for k, v in raw.items() if k != "search"}
+    base = {**(clean or {}), "model": cfg.model, "train": cfg.train, "augment": cfg.augment,
+            "preprocess": cfg.preprocess}
+    if "ensemble" in raw and not any(_section_of(p) == "ensemble" for p, _ in problems):
+        base["ensemble"] = raw["ensemble"]
     try:
-        task = cfg.task or ("classification" if cfg.data.source in (None, "digits") else None)
-        settings = SearchSettings.from_section(raw.get("search"), task)
-        if settings.enabled:
-            validate_space({k: v for k, v in raw.items() if k != "search"}, settings)
-        cfg.search = settings
-    except ValueError as exc:
-        problems.append(_split_path(str(exc), "search"))
+        validate_config(base, cfg.source)
+    except ConfigError:
+        return None
+    return base
 
 
 def _split_path(msg: str, default: str) -> Tuple[str, str]:
     """'search.sampler must be ...' -> ('search.sampler', 'must be ...')."""
-    import re
-
     match = re.match(r"(search(?:\.[A-Za-z0-9_]+)*)([:= ])", msg)
     if not match:
         return default, msg
@@ -503,24 +671,27 @@ def ensemble_kwargs(raw: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in (raw.get("ensemble") or {}).items() if k != "enabled"}
 
 
-def _check_ensemble(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, str]]) -> None:
+def _check_ensemble(raw: Dict[str, Any], cfg: Config, problems: Problems) -> None:
+    if "ensemble" not in raw:
+        return
     section = raw.get("ensemble") or {}
     if not isinstance(section, dict):
         problems.append(("ensemble", f"must be a mapping, got {section!r}"))
         return
-    if not isinstance(section.get("enabled", False), bool):
-        problems.append(("ensemble.enabled", f"must be true or false, got "
-                                             f"{section['enabled']!r}"))
     for key in section:
         if key not in _ENSEMBLE_KEYS:
             problems.append((f"ensemble.{_key(key)}", "unknown key." + (
                 did_you_mean(key, _ENSEMBLE_KEYS) or f" Allowed: {list(_ENSEMBLE_KEYS)}.")))
-    if problems or not section.get("enabled", False):
+    if not isinstance(section.get("enabled", False), bool):
+        problems.append(("ensemble.enabled", f"must be true or false, got "
+                                             f"{section['enabled']!r}"))
+        return
+    if not section.get("enabled", False):
         return
     from .ensemble import EnsembleClassifier, EnsembleRegressor
 
     cls = EnsembleRegressor if cfg.task == "regression" else EnsembleClassifier
-    kwargs = ensemble_kwargs(raw)
+    kwargs = {k: v for k, v in ensemble_kwargs(raw).items() if k in _ENSEMBLE_KEYS}
     if kwargs.get("kind") == "topk":
         search = raw.get("search") or {}
         if not search.get("enabled"):
@@ -528,7 +699,8 @@ def _check_ensemble(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, 
                                               "search.enabled: true"))
             return
         kwargs["configs"] = [{}]  # the real configurations come from the search's results
-    try:
+
+    def check() -> None:
         ens = cls(**kwargs)
         ens._check()
         if ens.kind in ("snapshot", "checkpoints"):
@@ -536,11 +708,108 @@ def _check_ensemble(raw: Dict[str, Any], cfg: Config, problems: List[Tuple[str, 
             if epochs is not None and ens.n_members > epochs:
                 raise ValueError(f"ensemble.n_members: {ens.kind} with {ens.n_members} members "
                                  f"needs max_epochs >= {ens.n_members}, got {epochs}.")
-    except (TypeError, ValueError) as exc:
-        msg = str(exc)
+
+    def locate(msg: str) -> Tuple[str, str]:
         head = msg.split(" ", 1)[0].rstrip(":")
-        problems.append((head, msg.split(" ", 1)[1]) if head.startswith("ensemble.")
-                        else ("ensemble", msg))
+        return (head, msg.split(" ", 1)[1]) if head.startswith("ensemble.") else ("ensemble", msg)
+
+    def drop(path: str) -> bool:
+        key = path[len("ensemble."):]
+        if not path.startswith("ensemble.") or key not in kwargs:
+            return False
+        del kwargs[key]
+        return True
+
+    _retry_dropping(check, locate, drop, problems, rounds=len(kwargs) + 1,
+                    errors=(TypeError, ValueError))
+
+
+def _check_data(cfg: Config, problems: Problems, data: Any) -> None:
+    """With ``data`` (see :func:`validate_config`), add what the data's shape decides."""
+    if data is None or any(_section_of(path) == "data" for path, _ in problems):
+        return
+    if not isinstance(data, DataShape):
+        try:
+            data = data_shape(cfg, None if data is True else data)
+        except DataShapeError as exc:
+            problems.append((exc.key, exc.message))
+            return
+        if data is None:
+            return
+    found = _data_problems(cfg, data.task or cfg.task, data.input_shape, data.n_features,
+                           data.describe())
+    problems.extend(p for p in found if p not in problems)
+
+
+def data_shape(cfg: Config, folder: Any = None) -> Optional[DataShape]:
+    """The data's shape, read cheaply: of the prepare stage's ``folder`` when given, else of the
+    source that ``cfg.data`` names (None for a source nnpipe cannot read without loading it).
+
+    Raises
+    ------
+    DataShapeError
+        When ``cfg.data`` names a missing file or CSV column (``exc.key`` is its key path).
+    FileNotFoundError
+        When ``folder`` is not a prepared data folder.
+    """
+    return prepared_shape(folder) if folder is not None else source_shape(cfg.data)
+
+
+def _data_problems(cfg: Config, task: Optional[str], input_shape: Optional[Tuple[int, ...]],
+                   n_features: int, where: str = "the data") -> Problems:
+    """What the data's shape decides: the network's input, augmentation and tta.
+
+    The network is checked by the estimator's own ``validate_params`` and the augmentation by
+    the same :meth:`Augmenter.check_shape` that ``fit`` calls, so the rules are not restated.
+    """
+    shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+    context = f"does not fit the data ({where}): "
+    est = cfg.build_estimator(task, shape, augment=None)
+    problems = []
+    try:
+        est.validate_params(n_features=n_features)
+    except ValueError as exc:
+        head = str(exc).split(" ", 1)[0].rstrip(":")
+        key = head if head in cfg.model or head in cfg.train else \
+            "input_shape" if "input_shape" in cfg.model else "module"
+        section = "train" if key in cfg.train else "model"
+        problems.append((f"{section}.{key}", f"{getattr(est, key, None)!r} {context}{exc}"))
+    # the sample shape that fit gives the augmentation (NNClassifier._sample_shape)
+    sample = tuple(est.input_shape) if est.input_shape is not None else \
+        (1, n_features) if est.module == "cnn1d" else None
+    if cfg.augment:
+        problems += [(path, f"{cfg.augment[path.split('.', 1)[1]]!r} {context}{msg}")
+                     for path, msg in _augment_problems(cfg.augment, sample, True)]
+    return problems
+
+
+def check_against_data(cfg: Config, task: Optional[str], input_shape: Optional[Tuple[int, ...]],
+                       n_features: int) -> None:
+    """Check what the data's shape decides, before any work: a 2-D CNN needs ``input_shape``
+    (C, H, W) holding exactly the data's features (a 1-D CNN likewise), image augmentation ops
+    need images, sequence ops sequences, and every op needs a sample shape (not flat rows).
+
+    Stages call it after :func:`nnpipe.data.read_dataset` (``ds.task``, ``ds.input_shape``,
+    ``ds.X_train.shape[1]``); ``nnpipe check`` does it with the shape read from the source.
+
+    Raises
+    ------
+    ConfigError
+        Listing each problem with its key path (``model.module``, ``augment.shift``), the value
+        and why.
+
+    Examples
+    --------
+    >>> cfg = validate_config({"data": {"source": "csv"}, "model": {"module": "cnn2d"}})
+    >>> check_against_data(cfg, "classification", None, 6)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nnpipe.config.ConfigError: params.yaml: 1 problem
+      model.module: 'cnn2d' does not fit the data (the data): CNN2d needs input_shape=...
+    """
+    problems = _data_problems(cfg, task, input_shape, n_features)
+    if problems:
+        raise ConfigError(cfg.source, problems)
 
 
 def with_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
@@ -552,8 +821,9 @@ def with_overrides(cfg: Config, overrides: Dict[str, Any]) -> Config:
     return validate_config(apply_overrides(cfg.raw, overrides), cfg.source)
 
 
-def load_config(path: Union[str, Path] = "params.yaml") -> Config:
-    """Read and validate a params file."""
+def load_config(path: Union[str, Path] = "params.yaml", data: Any = None) -> Config:
+    """Read and validate a params file (``data``: also check it against the data's shape, as
+    :func:`validate_config` says)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such params file.")
@@ -565,7 +835,7 @@ def load_config(path: Union[str, Path] = "params.yaml") -> Config:
     except RecursionError:
         raise ConfigError(str(path), [("", "not valid YAML here: nested deeper than the parser "
                                            "can follow")]) from None
-    return validate_config(raw, str(path))
+    return validate_config(raw, str(path), data)
 
 
 def json_schema() -> Dict[str, Any]:

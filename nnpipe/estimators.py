@@ -29,15 +29,16 @@ from torch import nn
 from ._registry import Registry, did_you_mean, invalid_value
 from ._routed import accepted_names, check_routed
 from .augment import Augmenter, tta_views
-from .callbacks import GradientValueClipping, LRSchedule, MaxNorm, NNEarlyStopping
+from .callbacks import GradientValueClipping, LRSchedule, MaxNorm, NNEarlyStopping, log_info
 from .data_iter import TensorBatches, TensorDataset
+from .exceptions import NnpipeError
 from .models import ACTIVATIONS, MODULES, _activation_name
 from .transfer import check_lr_multipliers, lr_multiplier_groups
 
 __all__ = ["NNClassifier", "NNRegressor", "DivergenceError", "OPTIMIZERS", "CRITERIA"]
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(NnpipeError, RuntimeError):
     """Training stopped because the loss became NaN or infinite.
 
     The module's weights are restored to those at the start of the failing epoch, so no NaN
@@ -514,7 +515,8 @@ class _NNMixin:
             es = self.get_params_for("early_stopping")
             if isinstance(self.early_stopping, Integral) and self.early_stopping is not True:
                 es.setdefault("patience", int(self.early_stopping))
-            es.setdefault("sink", print if self.verbose else _silent)
+            # verbose prints the epoch table, and the stop message with it; else it is logged
+            es.setdefault("sink", print if self.verbose else log_info)
             callbacks.append(("early_stopping", NNEarlyStopping(**es)))
         if self.freeze and isinstance(self.freeze, (str, list, tuple)):
             patterns = [self.freeze] if isinstance(self.freeze, str) else list(self.freeze)
@@ -710,10 +712,6 @@ class _NNMixin:
         tags.input_tags.allow_nan = False
         tags.non_deterministic = self.random_state is None
         return tags
-
-
-def _silent(*args, **kwargs):
-    return None
 
 
 def _encoded_accuracy(net, X, y):

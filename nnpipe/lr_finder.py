@@ -263,7 +263,7 @@ def lr_range_test(estimator, X, y, *, start_lr: float = 1e-7, end_lr: float = 10
     if not isinstance(last, _NNMixin):
         raise invalid_value("estimator", type(last).__name__,
                             "an NNClassifier, an NNRegressor or a Pipeline ending in one")
-    if last is not estimator:
+    if last is not estimator and len(estimator.steps) > 1:  # no preprocessing: X as it is
         X = clone(estimator[:-1]).fit_transform(X, y)
     net = _copy_without_callbacks(last)
     n_rows = len(X)

@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from nnpipe.cli import main as cli
-from nnpipe.config import ConfigError, json_schema, load_config, validate_config
+from nnpipe.config import (ConfigError, check_against_data, data_shape, json_schema, load_config,
+                           validate_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,3 +144,173 @@ def test_schema_is_valid_json_schema():
     jsonschema.Draft202012Validator.check_schema(json_schema())
     validator = jsonschema.Draft202012Validator(json_schema())
     assert not list(validator.iter_errors(yaml.safe_load((ROOT / "params.yaml").read_text())))
+
+
+# --------------------------------------------------------------------------- every problem at once
+
+
+def test_every_problem_of_every_section_is_reported_at_once():
+    raw = {"data": {"sorce": "npz", "test_size": 2},              # two in one pydantic section
+           "cv": {"folds": 1},
+           "preprocess": ["zcaa", "global_center", "minmx"],       # two bad steps of three
+           "augment": {"hfilp": {}, "rotation": {"p": 2}, "noise": {"std": 0.1}},
+           "model": {"activaton": "relu", "dropout": 1.5, "module": "resnet",
+                     "module__channels": [3]},
+           "train": {"lr": "fast", "max_epochs": "forty", "optimizer": "sgdd",
+                     "optimizer__momentum": 0.9},
+           "pretrain": {"enabled": True, "max_epochs": 0},
+           "search": {"n_trials": 0, "sampler": "tpee"},
+           "ensemble": {"enabled": True, "n_members": 0, "combine": "meen", "kindd": "x"}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    paths = [path for path, _ in info.value.problems]
+    expected = ["data.sorce", "data.test_size", "cv.folds", "preprocess[0]", "preprocess[2]",
+                "augment.hfilp", "augment.rotation", "model.activaton", "model.dropout",
+                "model.module", "train.lr", "train.max_epochs", "train.optimizer",
+                "pretrain.max_epochs", "search.n_trials", "search.sampler", "ensemble.kindd",
+                "ensemble.n_members", "ensemble.combine"]
+    assert sorted(paths) == sorted(expected), info.value
+    n = len(expected)
+    assert str(info.value).startswith(f"params.yaml: {n} problems\n")
+    # a key dropped for its error takes the keys routed to it along: no follow-on noise
+    assert "train.optimizer__momentum" not in paths and "model.module__channels" not in paths
+    for path, message in info.value.problems:
+        assert f"  {path}: {message}" in str(info.value)
+
+
+def test_two_bad_values_in_one_estimator_section_are_both_reported():
+    with pytest.raises(ConfigError) as info:
+        validate_config({"train": {"lr": "fast", "max_epochs": "forty"}})
+    assert info.value.problems == [("train.lr", "must be a finite number > 0, got 'fast'."),
+                                   ("train.max_epochs", "must be an int >= 1, got 'forty'.")]
+
+
+def test_search_space_entries_are_each_checked_even_next_to_other_problems():
+    raw = {"train": {"lr": "fast"},
+           "search": {"enabled": True, "space": {
+               "model.dropout": {"type": "float", "low": 0.0, "high": 1.5},
+               "train.optimizer": {"type": "categorical", "choices": ["adam", "adm"]}}}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    paths = [path for path, _ in info.value.problems]
+    assert paths == ["train.lr", "search.space.model.dropout", "search.space.train.optimizer"]
+
+
+# --------------------------------------------------------------------------- the data's shape
+
+def _csv(tmp_path, n_features=6):
+    rng = np.random.RandomState(0)
+    lines = [",".join([f"f{i}" for i in range(n_features)] + ["label"])]
+    lines += [",".join(f"{v:.3f}" for v in rng.rand(n_features)) + f",{i % 2}" for i in range(20)]
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return {"source": "csv", "path": str(path), "target": "label"}
+
+
+def test_check_against_data_catches_a_cnn_and_image_ops_on_tabular_rows(tmp_path):
+    data = _csv(tmp_path)
+    raw = {"data": data, "model": {"module": "cnn2d"},
+           "augment": {"shift": {"max_fraction": 0.1}, "rotation": {"degrees": 10},
+                       "noise": {"std": 0.02}}}
+    cfg = validate_config(raw)  # the file alone cannot know: the data decides
+    with pytest.raises(ConfigError) as info:
+        check_against_data(cfg, "classification", None, 6)
+    problems = dict(info.value.problems)
+    assert set(problems) == {"model.module", "augment.shift", "augment.rotation", "augment.noise"}
+    assert problems["model.module"].startswith("'cnn2d' does not fit the data")
+    assert "CNN2d needs input_shape=(C, H, W) to reshape the 6 flat features" in \
+        problems["model.module"]
+    assert problems["augment.shift"].startswith("{'max_fraction': 0.1} does not fit the data")
+    assert "needs input_shape=(C, L) or (C, H, W)" in problems["augment.shift"]
+    # nnpipe check reads the shape from the CSV's header: the same problems, found at once
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw, data=True)
+    assert {p for p, _ in info.value.problems} == set(problems)
+    assert "csv" in info.value.problems[0][1] and "6 features per row" in info.value.problems[0][1]
+
+
+@pytest.mark.parametrize("model, augment, shape, n_features, bad", [
+    ({"module": "cnn2d", "input_shape": [1, 8, 8]}, None, None, 6, {"model.input_shape"}),
+    ({"module": "cnn1d", "input_shape": [2, 4]}, None, None, 6, {"model.input_shape"}),
+    ({"module": "cnn1d"}, {"roll": {}, "rotation": {}, "noise": {}}, None, 6,
+     {"augment.rotation"}),  # a sequence (1, 6): rotation needs images
+    ({"module": "cnn2d"}, {"roll": {}, "hflip": {}}, (1, 8, 8), 64, {"augment.roll"}),
+    ({"module": "mlp"}, {"shift": {}}, (3, 4, 4), 48, set()),  # images flattened for an MLP
+    ({"module": "mlp"}, None, None, 6, set()),
+], ids=["cnn2d-size", "cnn1d-size", "rotation-on-sequences", "roll-on-images", "mlp-images",
+        "mlp-rows"])
+def test_check_against_data_follows_the_fit_time_checks(model, augment, shape, n_features, bad):
+    cfg = validate_config({"data": {"source": "npz"}, "model": model, "augment": augment})
+    if not bad:
+        check_against_data(cfg, "classification", shape, n_features)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_against_data(cfg, "classification", shape, n_features)
+    assert {p for p, _ in info.value.problems} == bad
+    # the same configuration fails at fit with the same reason (the truth comes from fit)
+    X = np.random.RandomState(0).rand(8, n_features).astype(np.float32)
+    est = cfg.build_estimator("classification", shape, max_epochs=1)
+    with pytest.raises(ValueError) as fit_error:
+        est.fit(X, np.arange(8) % 2)
+    assert str(fit_error.value) in str(info.value)
+
+
+def test_shipped_params_pass_against_their_data_and_the_prepared_folder(tmp_path):
+    from nnpipe.data import load_dataset, save_dataset
+
+    load_config(ROOT / "params.yaml", data=True)
+    save_dataset(load_dataset("digits"), tmp_path / "prepared")
+    load_config(ROOT / "params.yaml", data=tmp_path / "prepared")
+    shape = data_shape(load_config(ROOT / "params.yaml"), tmp_path / "prepared")
+    assert (shape.input_shape, shape.n_features, shape.task) == ((1, 8, 8), 64, "classification")
+
+
+def test_source_shapes_are_read_without_loading_the_rows(tmp_path):
+    from PIL import Image
+
+    np.savez(tmp_path / "seq.npz", X=np.zeros((5, 2, 30), np.float32), y=np.arange(5) % 2)
+    for cls in ("a", "b"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        Image.new("RGB", (12, 10)).save(tmp_path / "img" / cls / "0.png")
+    cases = [({"source": "npz", "path": str(tmp_path / "seq.npz")}, (2, 30), 60),
+             ({"source": "images", "path": str(tmp_path / "img")}, (3, 10, 12), 360),
+             ({"source": "images", "path": str(tmp_path / "img"), "grayscale": True,
+               "image_size": [4, 5]}, (1, 4, 5), 20),
+             (_csv(tmp_path, 3), None, 3)]
+    for data, shape, n_features in cases:
+        got = data_shape(validate_config({"data": data}))
+        assert (got.input_shape, got.n_features) == (shape, n_features), data
+
+
+@pytest.mark.parametrize("data, key, message", [
+    ({"source": "csv", "path": "nowhere.csv", "target": "y"}, "data.path",
+     "'nowhere.csv' does not exist"),
+    ({"source": "csv", "target": "lable"}, "data.target",
+     "'lable' is not a column of"),
+])
+def test_the_data_section_is_checked_against_the_files(tmp_path, data, key, message):
+    if "path" not in data:
+        data = {**_csv(tmp_path), "target": data["target"]}
+    with pytest.raises(ConfigError) as info:
+        validate_config({"data": data}, data=True)
+    assert info.value.problems[0][0] == key and message in info.value.problems[0][1]
+
+
+def test_a_stage_checks_params_against_the_prepared_data_before_any_work(tmp_path, capsys):
+    from nnpipe.data import load_dataset, save_dataset
+    from pipelines.train import main as train
+
+    data = _csv(tmp_path)
+    save_dataset(load_dataset(**data), tmp_path / "prepared")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": data, "model": {"module": "cnn2d"},
+                                      "augment": {"shift": {}}, "tracking": {"enabled": False}}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        train(["--params", str(params), "--data", str(tmp_path / "prepared"), "--model",
+               str(out / "model"), "--metrics", str(out / "m.json"), "--curves",
+               str(out / "c.csv"), "--plot", str(out / "c.png")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "model.module: 'cnn2d' does not fit the data" in err and "augment.shift" in err
+    assert "Traceback" not in err and not (out / "model").exists()

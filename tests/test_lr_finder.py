@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 from skorch.callbacks import Callback
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nnpipe import NNClassifier, NNRegressor
@@ -236,3 +236,14 @@ def test_the_command_line_suggests_train_lr_for_a_params_file(tmp_path, capsys):
     assert main(["lr-range-test", "--params", str(tmp_path / "params.yaml"), "--data",
                  str(tmp_path / "missing")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_a_pipeline_without_preprocessing_steps(blobs):
+    """params.yaml's ``preprocess: []`` builds Pipeline([("model", net)]): its empty
+    ``pipe[:-1]`` is no transformer, so the rows go to the network as they are."""
+    X, y = blobs
+    net = NNClassifier(module__hidden_sizes=[16], random_state=0)
+    alone = lr_range_test(net, X, y, start_lr=1e-4, end_lr=1.0, num_iter=12)
+    piped = lr_range_test(Pipeline([("model", net)]), X, y, start_lr=1e-4, end_lr=1.0,
+                          num_iter=12)
+    np.testing.assert_allclose(piped.raw_losses, alone.raw_losses)
