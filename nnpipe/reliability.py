@@ -9,6 +9,7 @@ the torn bytes are saved beside it as ``<journal>.torn``) and the user is warned
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import List, Optional, Tuple
 
 __all__ = ["check_journal", "JournalRepairWarning",
            "WorkerLease", "fail_orphaned_trials"]
+
+logger = logging.getLogger(__name__)
 
 
 class JournalRepairWarning(UserWarning):
@@ -203,13 +206,13 @@ class WorkerLease:
 LEASE_ATTR, RETRY_ATTR = "nnpipe_worker", "retry_of"
 
 
-def fail_orphaned_trials(study, lease: WorkerLease) -> List[Tuple[int, bool]]:
+def fail_orphaned_trials(study, lease: WorkerLease, storage) -> List[Tuple[int, bool]]:
     """Mark FAIL every RUNNING trial whose worker died, and enqueue each once more with the same
     parameters (a retry that dies too is not retried again).
 
-    Call it while holding the study's budget lock: workers tag a trial with their lease inside
-    that lock, so a RUNNING trial without a tag belongs to a worker killed before it could.
-    Returns ``(failed trial number, retried)`` pairs.
+    ``storage`` is the study's Optuna storage. Call it while holding the study's budget lock:
+    workers tag a trial with their lease inside that lock, so a RUNNING trial without a tag
+    belongs to a worker killed before it could. Returns ``(failed trial number, retried)`` pairs.
     """
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
@@ -218,7 +221,7 @@ def fail_orphaned_trials(study, lease: WorkerLease) -> List[Tuple[int, bool]]:
     if not running:
         return []
     dead = lease.dead({t.user_attrs[LEASE_ATTR] for t in running if LEASE_ATTR in t.user_attrs})
-    storage, done = study._storage, []
+    study_id, done = None, []
     for t in running:
         owner = t.user_attrs.get(LEASE_ATTR)
         if owner is not None and owner not in dead:
@@ -228,13 +231,20 @@ def fail_orphaned_trials(study, lease: WorkerLease) -> List[Tuple[int, bool]]:
                   + ("retried once with the same parameters" if retry else
                      f"it was already a retry of trial {t.user_attrs[RETRY_ATTR]}, so not "
                      "retried again"))
+        # Optuna has no public call that sets a user attribute on a trial this process did not
+        # ask for; the storage's own public methods do it by (study id, trial number)
+        if study_id is None:
+            study_id = storage.get_study_id_from_name(study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
         except UpdateFinishedTrialError:
             continue  # finished meanwhile
+        if study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True).state \
+                != TrialState.FAIL:
+            continue  # finished meanwhile (its worker was alive after all)
         if retry:
             study.enqueue_trial(dict(t.params), user_attrs={RETRY_ATTR: t.number})
         done.append((t.number, retry))
-        print(f"[search] trial {t.number}: fail {reason}", flush=True)
+        logger.info("[search] trial %d: fail %s", t.number, reason)
     return done

@@ -16,19 +16,36 @@ every fold's model in memory at once and ``k`` times the work before the first d
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import hashlib
+import json
+import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import re
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from ._registry import Registry, invalid_value
+from .exceptions import NnpipeError, check_server_client
 from .reliability import LEASE_ATTR, RETRY_ATTR, WorkerLease, fail_orphaned_trials
 
 __all__ = ["SAMPLERS", "PRUNERS", "METRICS", "parse_space", "suggest", "apply_overrides",
            "make_study", "run_search", "trials_table", "top_trials", "save_plots",
-           "storage_from_url", "SearchSettings"]
+           "storage_from_url", "SearchSettings", "SearchError", "fingerprint",
+           "fixed_by_params", "study_name_for", "FINGERPRINT_ATTR"]
+
+logger = logging.getLogger(__name__)
+
+#: the study user attribute holding the fingerprint of the data and trial settings
+FINGERPRINT_ATTR = "nnpipe_fingerprint"
+
+
+class SearchError(NnpipeError, RuntimeError):
+    """The search stopped because its configuration, not one trial's values, is broken."""
 
 # --------------------------------------------------------------------------- registries
 
@@ -36,21 +53,26 @@ SAMPLERS = Registry("search.sampler", "an optuna sampler instance")
 PRUNERS = Registry("search.pruner", "an optuna pruner instance")
 
 
+def _grid(space: Dict[str, dict]) -> Dict[str, list]:
+    """The grid a ``grid`` sampler visits: every choice of each categorical / int entry."""
+    grid = {}
+    for key, spec in space.items():
+        if spec["type"] == "categorical":
+            grid[key] = list(spec["choices"])
+        elif spec["type"] == "int":
+            grid[key] = list(range(int(spec["low"]), int(spec["high"]) + 1,
+                                   int(spec.get("step") or 1)))
+        elif spec["type"] == "float":
+            raise ValueError(f"search.sampler='grid' needs finite choices, but search.space."
+                             f"{key} is a float range; make it categorical or int.")
+    return grid
+
+
 def _sampler(name: str, seed: Optional[int], space: Dict[str, dict]):
     import optuna
 
     if name == "grid":
-        grid = {}
-        for key, spec in space.items():
-            if spec["type"] == "categorical":
-                grid[key] = list(spec["choices"])
-            elif spec["type"] == "int":
-                grid[key] = list(range(int(spec["low"]), int(spec["high"]) + 1,
-                                       int(spec.get("step") or 1)))
-            elif spec["type"] == "float":
-                raise ValueError(f"search.sampler='grid' needs finite choices, but search.space."
-                                 f"{key} is a float range; make it categorical or int.")
-        return _GridSampler(grid, seed=seed)
+        return _GridSampler(_grid(space), seed=seed)
     factory = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
@@ -261,6 +283,57 @@ def apply_overrides(raw: Dict[str, Any], overrides: Dict[str, Any],
     return out
 
 
+_MISSING = object()
+
+
+def _lookup(raw: Dict[str, Any], path: str) -> Any:
+    """The value at a dotted path, or ``_MISSING`` when a part is absent (``None`` is a value)."""
+    node: Any = raw
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def fixed_by_params(raw: Dict[str, Any], space: Dict[str, dict]) -> Dict[str, Any]:
+    """The searched keys that params.yaml also sets explicitly in their own section.
+
+    The explicit value wins: such a key is not sampled, every trial uses the value and the
+    search's best parameters leave it alone (so ``dvc exp run -S train.lr=0.003`` means 0.003).
+
+    Examples
+    --------
+    >>> space = parse_space({"train.lr": {"type": "float", "low": 1e-3, "high": 1e-1},
+    ...                      "model.dropout": {"type": "float", "low": 0.0, "high": 0.5}})
+    >>> fixed_by_params({"train": {"lr": 0.003}, "model": {}}, space)
+    {'train.lr': 0.003}
+    """
+    fixed = {}
+    for key, spec in space.items():
+        value = _lookup(raw, key)
+        if spec["type"] != "fixed" and value is not _MISSING:
+            fixed[key] = value
+    return fixed
+
+
+def _describe(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def without_fixed_keys(raw: Dict[str, Any], settings: "SearchSettings") -> "SearchSettings":
+    """``settings`` whose space leaves out the keys params.yaml fixes (:func:`fixed_by_params`);
+    logs one line per such key."""
+    fixed = fixed_by_params(raw, settings.space)
+    for key, value in fixed.items():
+        logger.info("[search] %s: fixed at %s by params.yaml, not searched; remove it from "
+                    "`%s` to search it", key, _describe(value), key.rsplit(".", 1)[0])
+    if not fixed:
+        return settings
+    space = {k: spec for k, spec in settings.space.items() if k not in fixed}
+    return dataclasses.replace(settings, space=space)
+
+
 # --------------------------------------------------------------------------- settings and storage
 
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -337,9 +410,22 @@ class SearchSettings:
         return asdict(self)
 
 
+@contextlib.contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Optuna's own INFO lines off while nnpipe works (it logs one line per trial itself); the
+    caller's verbosity is restored afterwards."""
+    import optuna
+
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(previous, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
 def storage_from_url(url: Optional[str], journal: os.PathLike):
     """An Optuna storage: the journal file by default, else an RDB URL (checked reachable)."""
-    import optuna
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -350,16 +436,17 @@ def storage_from_url(url: Optional[str], journal: os.PathLike):
 
         check_journal(path)
         return JournalStorage(JournalFileBackend(path))
+    check_server_client(url, "search.storage")
     kwargs: Dict[str, Any] = {}
     if url.startswith("postgresql"):
         # no Optuna heartbeat: nnpipe's workers hold leases (reliability.WorkerLease) instead
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
     import time
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     for attempt in range(3):
         try:
-            return RDBStorage(url, **kwargs)
+            with _optuna_quiet():
+                return RDBStorage(url, **kwargs)
         except Exception as exc:  # sqlalchemy raises many kinds
             # workers starting together race to create Optuna's tables: retry those errors,
             # but not a server that cannot be reached
@@ -370,15 +457,112 @@ def storage_from_url(url: Optional[str], journal: os.PathLike):
             time.sleep(0.5 + attempt)
 
 
-def make_study(settings: SearchSettings, journal: os.PathLike, worker: int = 0):
+def study_name_for(settings: SearchSettings, fingerprint: Optional[str] = None) -> str:
+    """``<search.study_name>-<fingerprint[:10]>``, or ``search.study_name`` without one."""
+    return settings.study_name if fingerprint is None else \
+        f"{settings.study_name}-{fingerprint[:10]}"
+
+
+def make_study(settings: SearchSettings, journal: os.PathLike, worker: int = 0,
+               fingerprint: Optional[str] = None, storage=None):
+    """Create or load the study (named by :func:`study_name_for`) in ``storage`` (by default
+    the one ``settings.storage`` / ``journal`` names); the sampler is seeded per worker."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # nnpipe prints one line per trial
+    if storage is None:
+        storage = storage_from_url(settings.storage, journal)
     seed = None if settings.random_state is None else settings.random_state + worker
-    return optuna.create_study(
-        storage=storage_from_url(settings.storage, journal), study_name=settings.study_name,
-        direction=settings.direction, sampler=_sampler(settings.sampler, seed, settings.space),
-        pruner=_pruner(settings.pruner), load_if_exists=True)
+    with _optuna_quiet():
+        study = optuna.create_study(
+            storage=storage, study_name=study_name_for(settings, fingerprint),
+            direction=settings.direction, sampler=_sampler(settings.sampler, seed, settings.space),
+            pruner=_pruner(settings.pruner), load_if_exists=True)
+    if fingerprint is not None and study.user_attrs.get(FINGERPRINT_ATTR) != fingerprint:
+        study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+    return study
+
+
+# --------------------------------------------------------------------------- study identity
+
+#: the search settings a trial reads (n_trials, timeout, n_jobs, storage, top_k: it does not)
+_TRIAL_SETTINGS = ("space", "metric", "direction", "random_state", "sampler", "pruner")
+
+
+def _hash_array(h, name: str, values) -> None:
+    a = np.asarray(values)
+    h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+    if a.dtype == object:  # pointers, not contents: hash the values' text
+        h.update(json.dumps(a.tolist(), default=str).encode())
+        return
+    if a.ndim == 0 or a.size == 0:
+        h.update(a.tobytes())
+        return
+    rows = max(1, (1 << 24) // max(1, a[0].nbytes))  # ~16 MB at a time (memory-mapped data)
+    for start in range(0, len(a), rows):
+        h.update(np.ascontiguousarray(a[start:start + rows]).tobytes())
+
+
+def fingerprint(raw: Dict[str, Any], X, y, task: str, input_shape,
+                settings: SearchSettings) -> str:
+    """sha256 of everything a trial's score depends on: the training data (bytes, dtype, shape),
+    the task and input shape, the ``preprocess`` / ``augment`` / ``model`` / ``train`` sections
+    and the search settings trials read (space, metric, folds or holdout, seed, sampler, pruner).
+
+    ``n_trials``, ``timeout``, ``n_jobs`` and ``storage`` are left out, so raising the budget
+    resumes the same study; any other change starts a new one.
+    """
+    h = hashlib.sha256()
+    _hash_array(h, "X", X)
+    _hash_array(h, "y", y)
+    trial_settings = {k: getattr(settings, k) for k in _TRIAL_SETTINGS}
+    trial_settings["split"] = ({"holdout": settings.holdout} if settings.holdout is not None
+                               else {"folds": settings.folds})
+    h.update(json.dumps({
+        "task": task, "input_shape": None if input_shape is None else list(input_shape),
+        "sections": {s: raw.get(s) for s in TRIAL_SECTIONS}, "search": trial_settings,
+    }, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _previous_study(storage, settings: SearchSettings, current: str) -> Optional[str]:
+    """The latest other study of ``search.study_name`` in the storage (its trials started last)."""
+    import datetime
+
+    import optuna
+
+    ours = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+            if s.study_name != current and (s.study_name == settings.study_name
+                                            or s.study_name.startswith(settings.study_name + "-"))]
+    if not ours:
+        return None
+    oldest = datetime.datetime.min
+    return max(ours, key=lambda s: s.datetime_start or oldest).study_name
+
+
+def open_study(raw: Dict[str, Any], X, y, task: str, input_shape, settings: SearchSettings,
+               journal: os.PathLike):
+    """Resume the study of this data and these trial settings (:func:`fingerprint`), or start a
+    new one beside the others in the storage; log which. Returns ``(study, storage, fp)``."""
+    import optuna
+
+    storage = storage_from_url(settings.storage, journal)
+    fp = fingerprint(raw, X, y, task, input_shape, settings)
+    name = study_name_for(settings, fp)
+    existed = name in optuna.get_all_study_names(storage)
+    previous = None if existed else _previous_study(storage, settings, name)
+    study = make_study(settings, journal, fingerprint=fp, storage=storage)
+    if existed:
+        finished, _ = _counts(study, include_failed=settings.sampler == "grid")
+        logger.info("[search] resuming study %s: %d of %d trials done", name, finished,
+                    _budget(settings))
+    elif previous is not None:
+        where = "journal" if not settings.storage or settings.storage.startswith("journal:") \
+            else "storage"
+        logger.info("[search] new study %s: data or trial settings changed since study %s "
+                    "(kept in the %s)", name, previous, where)
+    else:
+        logger.info("[search] new study %s", name)
+    return study, storage, fp
 
 
 # --------------------------------------------------------------------------- the objective
@@ -436,10 +620,24 @@ class _EpochReporter:
         return EpochReporter(*args, **kwargs)
 
 
-def make_objective(raw: Dict[str, Any], X, y, task: str, input_shape, settings: SearchSettings):
-    """``objective(trial)``: mean held-out ``settings.metric`` over the folds of a sampled config."""
+def _fit_fold(cfg, task: str, input_shape, X, y, tr, va, reporter, max_epochs=None):
+    """Fit ``cfg``'s pipeline on rows ``tr`` (preprocessing fitted there only), with the search
+    callback ``reporter(X_va, y_va)`` scoring rows ``va`` after each epoch; return the net."""
     from sklearn.pipeline import Pipeline
 
+    pipe = cfg.build_pipeline(task, input_shape, on_interrupt="raise", verbose=0)
+    pre, net = Pipeline(pipe.steps[:-1]) if len(pipe.steps) > 1 else None, pipe[-1]
+    X_tr = pre.fit_transform(X[tr]) if pre is not None else X[tr]
+    X_va = pre.transform(X[va]) if pre is not None else X[va]
+    net.set_params(callbacks=[("search", reporter(X_va, y[va]))])
+    if max_epochs is not None:
+        net.set_params(max_epochs=max_epochs)
+    net.fit(X_tr, y[tr])
+    return net
+
+
+def make_objective(raw: Dict[str, Any], X, y, task: str, input_shape, settings: SearchSettings):
+    """``objective(trial)``: mean held-out ``settings.metric`` over the folds of a sampled config."""
     from .config import validate_config
     from .estimators import DivergenceError
 
@@ -453,16 +651,14 @@ def make_objective(raw: Dict[str, Any], X, y, task: str, input_shape, settings: 
         cfg = validate_config(apply_overrides(raw, overrides, settings.space))
         scores, epochs = [], 0
         for i, (tr, va) in enumerate(splits):
-            pipe = cfg.build_pipeline(task, input_shape, on_interrupt="raise", verbose=0)
-            pre, net = Pipeline(pipe.steps[:-1]) if len(pipe.steps) > 1 else None, pipe[-1]
-            X_tr = pre.fit_transform(X[tr]) if pre is not None else X[tr]
-            X_va = pre.transform(X[va]) if pre is not None else X[va]
-            net.set_params(callbacks=[("search", _EpochReporter(
-                trial, X_va, y[va], settings.metric, classes, i == 0, epochs))])
+            def reporter(X_va, y_va, i=i, epochs=epochs):
+                return _EpochReporter(trial, X_va, y_va, settings.metric, classes, i == 0, epochs)
+
             try:
-                net.fit(X_tr, y[tr])
+                net = _fit_fold(cfg, task, input_shape, X, y, tr, va, reporter)
             except DivergenceError as exc:
                 trial.set_user_attr("fail_reason", str(exc))
+                trial.set_user_attr("fail_kind", "divergence")
                 raise
             epochs += len(net.history)
             scores.append(net.history[-1, f"search_{settings.metric}"])
@@ -471,6 +667,80 @@ def make_objective(raw: Dict[str, Any], X, y, task: str, input_shape, settings: 
         return float(np.mean(scores))
 
     return objective
+
+
+def _first_value(spec: dict) -> Any:
+    """A value from a searched entry for the preflight: its first choice, or its low end."""
+    if spec["type"] == "categorical":
+        return _hashable(spec["choices"][0])
+    return int(spec["low"]) if spec["type"] == "int" else float(spec["low"])
+
+
+def _preflight_rows(y, task: str, seed: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """A seeded handful of training rows (every class several times), split 3:1."""
+    from sklearn.model_selection import train_test_split
+
+    n_classes = len(np.unique(y)) if task == "classification" else 1
+    n = min(len(y), max(128, 40 * n_classes))
+    idx = np.arange(len(y))
+    strat = y if task == "classification" else None
+    try:
+        rows = idx if n == len(y) else train_test_split(idx, train_size=n, stratify=strat,
+                                                        random_state=seed)[0]
+        return train_test_split(rows, test_size=0.25, random_state=seed,
+                                stratify=None if strat is None else y[rows])
+    except ValueError:  # a class too small to stratify: plain seeded rows
+        rows = np.random.RandomState(seed).permutation(idx)[:n]
+        return rows[: 3 * n // 4], rows[3 * n // 4:]
+
+
+def preflight(raw: Dict[str, Any], X, y, task: str, input_shape,
+              settings: SearchSettings) -> None:
+    """Fail at once when the configuration cannot train whatever the sampled values are.
+
+    Builds a trial's pipeline from params.yaml with each searched key at a value of its space
+    (the first choice, or the low end) and fits it for one epoch on a seeded handful of training
+    rows. Anything but a divergence or running out of memory (which depend on the values) raises
+    :class:`SearchError` naming the error: every trial would fail the same way.
+    """
+    import optuna
+
+    from .config import validate_config
+
+    params = {k: _first_value(spec) for k, spec in settings.space.items()
+              if spec["type"] != "fixed"}
+    trial = optuna.trial.FixedTrial(params)
+    overrides = suggest(trial, settings.space, raw)
+    tr, va = _preflight_rows(y, task, settings.random_state)
+    classes = list(np.unique(y)) if task == "classification" else None
+
+    def reporter(X_va, y_va):
+        return _EpochReporter(trial, X_va, y_va, settings.metric, classes, False, 0)
+
+    try:
+        cfg = validate_config(apply_overrides(raw, overrides, settings.space))
+        _fit_fold(cfg, task, input_shape, X, y, tr, va, reporter, max_epochs=1)
+    except Exception as exc:  # noqa: BLE001 - judged below, re-raised with the reason
+        if _failure_kind(exc) != "error":
+            return
+        tried = ", ".join(f"{k}={_describe(_unhash(v, settings.space[k]))}"
+                          for k, v in overrides.items() if k in params)
+        raise SearchError(
+            f"search: the configuration fails before any trial: {type(exc).__name__}: {exc} "
+            f"(params.yaml{' with ' + tried if tried else ''}, 1 epoch on {len(tr)} training "
+            "rows; every trial would fail the same way)") from exc
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """'divergence', 'oom' (both depend on the sampled values) or 'error'."""
+    from .estimators import DivergenceError
+
+    if isinstance(exc, DivergenceError):
+        return "divergence"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" \
+            or "out of memory" in str(exc).lower():
+        return "oom"
+    return "error"
 
 
 def validate_space(raw: Dict[str, Any], settings: SearchSettings) -> None:
@@ -515,11 +785,11 @@ class _BudgetLock:
     parallel workers stop at exactly ``n_trials``: a file lock beside a journal (one host), a
     PostgreSQL advisory lock for a database server (many hosts), nothing for one process."""
 
-    def __init__(self, settings: SearchSettings, journal: os.PathLike):
+    def __init__(self, settings: SearchSettings, journal: os.PathLike, study_name: str):
         self.url, self.journal = settings.storage, os.fspath(journal)
         import zlib
 
-        self.key = zlib.crc32(settings.study_name.encode()) % (2**31)  # stable across processes
+        self.key = zlib.crc32(study_name.encode()) % (2**31)  # stable across processes
         self._fh = self._conn = None
 
     def __enter__(self):
@@ -555,36 +825,48 @@ class _BudgetLock:
 def _budget(settings: SearchSettings) -> int:
     if settings.sampler != "grid":
         return settings.n_trials
-    grid = _sampler("grid", None, settings.space)._all_grids
-    return min(settings.n_trials, len(grid))
+    return min(settings.n_trials, math.prod(len(v) for v in _grid(settings.space).values()))
 
 
 def optimize(study, objective: Callable, settings: SearchSettings, journal: os.PathLike = "",
-             progress: Optional[Callable[[Any], None]] = None, max_failures: int = 5) -> None:
+             progress: Optional[Callable[[Any], None]] = None, max_failures: int = 5,
+             storage=None) -> None:
     """Run trials until ``n_trials`` have finished (COMPLETE or PRUNED; resumed ones count) or
     ``timeout`` passes. A trial that diverges or raises ends FAIL with the reason in its
-    ``fail_reason`` attribute and the study goes on; ``max_failures`` failures in a row stop it
-    with an error (the configuration space is broken, not one trial).
+    ``fail_reason`` attribute and the study goes on, unless the failure cannot depend on the
+    sampled values: ``max_failures`` failures in a row, or two trials in a row failing with the
+    same error (numbers aside; divergence and out-of-memory excepted), stop it with
+    :class:`SearchError`.
 
     The worker holds a :class:`~nnpipe.reliability.WorkerLease` while it runs; before each new
     trial, trials left RUNNING by a worker that died (``kill -9``, a lost machine) end FAIL and
-    are retried once with the same parameters, so the budget still counts finished trials."""
+    are retried once with the same parameters, so the budget still counts finished trials.
+    ``storage`` is the study's storage (opened from ``settings`` / ``journal`` when omitted)."""
     import time
 
+    if storage is None:
+        storage = storage_from_url(settings.storage, journal)
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
-    with WorkerLease(settings.storage, journal) as lease:
-        _optimize(study, objective, settings, journal, progress, max_failures, deadline, lease)
+    with WorkerLease(settings.storage, journal) as lease, _optuna_quiet():
+        _optimize(study, objective, settings, journal, progress, max_failures, deadline, lease,
+                  storage)
 
 
-def _optimize(study, objective, settings, journal, progress, max_failures, deadline, lease):
+def _same_error(reason: str) -> str:
+    return re.sub(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", "#", reason)
+
+
+def _optimize(study, objective, settings, journal, progress, max_failures, deadline, lease,
+              storage):
     import time
 
     from optuna.trial import TrialState
 
     budget, failures = _budget(settings), 0
+    last_error: Optional[Tuple[str, int]] = None
     while deadline is None or time.monotonic() < deadline:
-        with _BudgetLock(settings, journal):
-            fail_orphaned_trials(study, lease)  # trials of killed workers: FAIL, retried once
+        with _BudgetLock(settings, journal, study.study_name):
+            fail_orphaned_trials(study, lease, storage)  # trials of killed workers: FAIL, retried
             # a grid visits each point once, failed or not
             finished, running = _counts(study, include_failed=settings.sampler == "grid")
             if finished + running >= budget:
@@ -594,19 +876,28 @@ def _optimize(study, objective, settings, journal, progress, max_failures, deadl
         try:
             frozen = _run_trial(study, trial, objective)
         except Exception:
-            if not study._storage.get_trial(trial._trial_id).state.is_finished():
+            mine = study.get_trials(deepcopy=False)
+            if not any(t.number == trial.number and t.state.is_finished() for t in mine):
                 raise
             # another worker judged this one dead (its lease was lost, e.g. the database
             # restarted) and failed the trial; its retry runs elsewhere
-            print(f"[search] trial {trial.number}: taken over by another worker (this worker's "
-                  "lease was lost); going on", flush=True)
+            logger.warning("[search] trial %d: taken over by another worker (this worker's "
+                           "lease was lost); going on", trial.number)
             continue
         failures = failures + 1 if frozen.state == TrialState.FAIL else 0
         if progress is not None:
             progress(frozen)
+        reason = frozen.user_attrs.get("fail_reason")
         if failures >= max_failures:
-            raise RuntimeError(f"search: {failures} trials failed in a row; the last one: "
-                               f"{frozen.user_attrs.get('fail_reason')}")
+            raise SearchError(f"search: {failures} trials failed in a row; the last one: "
+                              f"{reason}")
+        error = (_same_error(reason) if frozen.state == TrialState.FAIL
+                 and frozen.user_attrs.get("fail_kind") == "error" else None)
+        if error is not None and last_error is not None and error == last_error[0]:
+            raise SearchError(f"search: trials {last_error[1]} and {frozen.number} failed with "
+                              "the same error, so it does not depend on the sampled values; "
+                              f"stopped: {reason}")
+        last_error = None if error is None else (error, frozen.number)
 
 
 def _run_trial(study, trial, objective):
@@ -618,84 +909,135 @@ def _run_trial(study, trial, objective):
         value = objective(trial)
     except optuna.TrialPruned as exc:
         trial.set_user_attr("prune_reason", str(exc))
-        return study.tell(trial, state=TrialState.PRUNED)
+        return _tell(study, trial, state=TrialState.PRUNED)
     except Exception as exc:  # noqa: BLE001 - recorded on the trial, the study goes on
         if "fail_reason" not in trial.user_attrs:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-        return study.tell(trial, state=TrialState.FAIL)
+        if "fail_kind" not in trial.user_attrs:
+            trial.set_user_attr("fail_kind", _failure_kind(exc))
+        return _tell(study, trial, state=TrialState.FAIL)
     except BaseException:
         trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
         raise
-    return study.tell(trial, value)
+    return _tell(study, trial, value)
 
 
-def _print_trial(trial) -> None:
+def _tell(study, trial, value=None, state=None):
+    """``study.tell``; a trial another worker has finished meanwhile is left as it is."""
+    return study.tell(trial, value, state=state, skip_if_finished=True)
+
+
+def _log_trial(trial) -> None:
     value = "-" if trial.value is None else f"{trial.value:.4f}"
     why = trial.user_attrs.get("fail_reason", trial.user_attrs.get("prune_reason", ""))
-    print(f"[search] trial {trial.number}: {trial.state.name.lower()} value={value} "
-          f"epochs={trial.user_attrs.get('epochs', '-')} {why}".rstrip(), flush=True)
+    logger.info(f"[search] trial {trial.number}: {trial.state.name.lower()} value={value} "
+                f"epochs={trial.user_attrs.get('epochs', '-')} {why}".rstrip())
 
 
-def _worker(raw, data, settings_dict, journal, worker, threads):
+class _Forward:
+    """A queue listener's handler: a record from a spawned worker goes through this process's
+    logger of the same name (so its handlers, caplog included, see it)."""
+
+    def handle(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def _worker_logging(queue, level: int) -> None:
+    """In a spawned worker: send nnpipe's records to the parent process (which shows them)."""
+    from logging.handlers import QueueHandler
+
+    root = logging.getLogger("nnpipe")
+    root.addHandler(QueueHandler(queue))
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _worker(raw, data, settings_dict, journal, worker, threads, fp):
     """One search process (spawned): its own torch threads, sampler seed and objective."""
     import torch
 
     torch.set_num_threads(threads)
     settings = SearchSettings(**settings_dict)
     X, y, task, shape = data
-    study = make_study(settings, journal, worker)
+    storage = storage_from_url(settings.storage, journal)
+    study = make_study(settings, journal, worker, fingerprint=fp, storage=storage)
     optimize(study, make_objective(raw, X, y, task, shape, settings), settings, journal,
-             _print_trial)
+             _log_trial, storage=storage)
 
 
 def run_search(raw: Dict[str, Any], X, y, task: str, input_shape=None, *,
                settings: Optional[SearchSettings] = None, journal: os.PathLike = "search.journal"):
     """Run (or resume) the study declared in ``raw["search"]`` on ``(X, y)``; return it.
 
+    A study is resumed only when the data and every setting a trial reads are unchanged
+    (:func:`fingerprint`); otherwise a new one starts beside the old in the storage. Searched
+    keys that params.yaml sets explicitly are fixed at that value (:func:`fixed_by_params`).
+    Before the first trial, :func:`preflight` stops a configuration that cannot train at all.
+
     ``n_jobs > 1`` runs that many workers against the same storage (this process and
     ``n_jobs - 1`` spawned ones), each with ``cpu_count // n_jobs`` torch threads so they do not
-    oversubscribe the cores.
+    oversubscribe the cores. Progress goes to the ``nnpipe.search`` logger.
     """
     settings = settings or SearchSettings.from_section(raw.get("search"), task)
     validate_space(raw, settings)
-    study = make_study(settings, journal)
-    if settings.n_jobs == 1:
-        optimize(study, make_objective(raw, X, y, task, input_shape, settings), settings,
-                 journal, _print_trial)
-        return study
+    settings = without_fixed_keys(raw, settings)
+    with _optuna_quiet():
+        study, storage, fp = open_study(raw, X, y, task, input_shape, settings, journal)
+        finished, _ = _counts(study, include_failed=settings.sampler == "grid")
+        if finished < _budget(settings):
+            preflight(raw, X, y, task, input_shape, settings)
+        if settings.n_jobs == 1:
+            optimize(study, make_objective(raw, X, y, task, input_shape, settings), settings,
+                     journal, _log_trial, storage=storage)
+            return study
+        _run_parallel(raw, (X, y, task, input_shape), settings, journal, fp, storage)
+        return make_study(settings, journal, fingerprint=fp, storage=storage)
+
+
+def _run_parallel(raw, data, settings: SearchSettings, journal, fp: str, storage) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+    from logging.handlers import QueueListener
 
     import torch
 
+    X, y, task, input_shape = data
     threads = max(1, (os.cpu_count() or 1) // settings.n_jobs)
     ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    listener = QueueListener(queue, _Forward())
+    listener.start()
     # n_jobs - 1 spawned workers, and one in this process: it starts at once, hiding the
     # others' start-up (importing torch & co. takes seconds)
     previous = torch.get_num_threads()
-    with ProcessPoolExecutor(settings.n_jobs - 1, mp_context=ctx) as pool:
-        futures = [pool.submit(_worker, raw, (X, y, task, input_shape), settings.to_dict(),
-                               os.fspath(journal), w, threads)
-                   for w in range(1, settings.n_jobs)]
-        try:
-            torch.set_num_threads(threads)
-            optimize(make_study(settings, journal, 0),
-                     make_objective(raw, X, y, task, input_shape, settings), settings, journal,
-                     _print_trial)
-        finally:
-            torch.set_num_threads(previous)
-        for f in futures:
-            f.result()
-    return make_study(settings, journal)
+    try:
+        with ProcessPoolExecutor(settings.n_jobs - 1, mp_context=ctx, initializer=_worker_logging,
+                                 initargs=(queue, logger.getEffectiveLevel())) as pool:
+            futures = [pool.submit(_worker, raw, data, settings.to_dict(), os.fspath(journal),
+                                   w, threads, fp) for w in range(1, settings.n_jobs)]
+            try:
+                torch.set_num_threads(threads)
+                optimize(make_study(settings, journal, 0, fingerprint=fp, storage=storage),
+                         make_objective(raw, X, y, task, input_shape, settings), settings,
+                         journal, _log_trial, storage=storage)
+            finally:
+                torch.set_num_threads(previous)
+            for f in futures:
+                f.result()
+    finally:
+        listener.stop()
 
 
 # --------------------------------------------------------------------------- results
 
 
-def best_overrides(study) -> Dict[str, Any]:
-    """The best trial's configuration as dotted params.yaml paths."""
-    return dict(study.best_trial.user_attrs.get("overrides", {}))
+def best_overrides(study, space: Optional[Dict[str, dict]] = None) -> Dict[str, Any]:
+    """The best trial's configuration as dotted params.yaml paths; with ``space`` (the current
+    search space), only its keys: a value params.yaml fixes, or a key no longer searched, is
+    never returned."""
+    best = dict(study.best_trial.user_attrs.get("overrides", {}))
+    return best if space is None else {k: v for k, v in best.items() if k in space}
 
 
 def top_trials(study, k: int) -> List[Dict[str, Any]]:

@@ -1,6 +1,5 @@
 """Optuna search: the declared space, pruning with CV, failures, budgets, storage and resuming."""
 
-import json
 import time
 
 import numpy as np
@@ -13,9 +12,10 @@ from nnpipe.search import (SearchSettings, apply_overrides, best_overrides, pars
                            run_search, save_plots, storage_from_url, suggest, top_trials,
                            trials_table)
 
+# no train.lr: the tests search it, and a searched key set in its section is fixed, not searched
 BASE = {
     "model": {"module": "mlp", "module__hidden_sizes": [16]},
-    "train": {"max_epochs": 4, "lr": 0.01, "random_state": 0, "verbose": 0, "train_split": None},
+    "train": {"max_epochs": 4, "random_state": 0, "verbose": 0, "train_split": None},
 }
 
 
@@ -166,11 +166,17 @@ def test_regression_search_and_plots(tmp_path):
     assert (tmp_path / "plots" / "optimization_history.html").stat().st_size > 1000
 
 
-def test_two_workers_share_one_journal_and_stop_at_the_budget(blobs, tmp_path):
+def test_two_workers_share_one_journal_and_stop_at_the_budget(blobs, tmp_path, caplog):
+    import logging
+
     X, y = blobs
     raw = _raw(n_trials=6, n_jobs=2, pruner="none",
                space={"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}})
+    caplog.set_level(logging.INFO, logger="nnpipe")
     study = run_search(raw, X, y, "classification", journal=tmp_path / "j.log")
     trials = study.get_trials()
     assert len(trials) == 6 and sorted(t.number for t in trials) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in trials)
+    # the spawned worker's progress lines reach this process's logging too
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[search] trial")]
+    assert sorted(int(line.split()[2].rstrip(":")) for line in lines) == list(range(6))

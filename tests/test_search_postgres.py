@@ -33,7 +33,9 @@ def test_workers_on_postgres_finish_exactly_the_budget_with_no_trial_lost(pg_url
                for _ in range(3)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
-    study = optuna.load_study(study_name=study_name, storage=pg_url)
+    # the workers ran one study: <study_name>-<fingerprint of the data and trial settings>
+    (name,) = [n for n in optuna.get_all_study_names(pg_url) if n.startswith(study_name + "-")]
+    study = optuna.load_study(study_name=name, storage=pg_url)
     trials = study.get_trials()
     assert len(trials) == 9
     assert sorted(t.number for t in trials) == list(range(9))

@@ -244,9 +244,9 @@ def test_two_worker_ensemble_is_bitwise_repeatable_and_equals_one_worker(one_thr
 
 # --------------------------------------------------------------------------- (4) the search
 
-SEARCH_BASE = {
-    "model": {"module": "mlp", "module__hidden_sizes": [16], "dropout": 0.1},
-    "train": {"max_epochs": 3, "lr": 0.01, "random_state": 0, "verbose": 0, "train_split": None},
+SEARCH_BASE = {  # lr and dropout are searched, so not set here (a set value would be fixed)
+    "model": {"module": "mlp", "module__hidden_sizes": [16]},
+    "train": {"max_epochs": 3, "random_state": 0, "verbose": 0, "train_split": None},
 }
 SPACE = {"train.lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
          "model.dropout": {"type": "float", "low": 0.0, "high": 0.5}}

@@ -53,12 +53,17 @@ def _worker(tmp_path, digits_dir, params):
 
 
 def _load(storage, name, tmp_path):
+    """The study the workers run: ``<name>-<fingerprint>`` (there is only one here)."""
     import optuna
 
     from nnpipe.search import storage_from_url
 
-    return optuna.load_study(study_name=name,
-                             storage=storage_from_url(storage, tmp_path / "journal.log"))
+    opened = storage_from_url(storage, tmp_path / "journal.log")
+    names = [n for n in optuna.get_all_study_names(opened) if n.startswith(name + "-")]
+    assert len(names) <= 1, names
+    if not names:
+        raise LookupError(f"no study {name}-* yet")
+    return optuna.load_study(study_name=names[0], storage=opened)
 
 
 def _kill_mid_trial(worker, storage, name, tmp_path):
@@ -121,20 +126,21 @@ def test_a_retry_whose_worker_dies_too_is_failed_but_not_retried_again(tmp_path)
     from nnpipe.search import storage_from_url
 
     journal = tmp_path / "j.log"
-    study = optuna.create_study(storage=storage_from_url(None, journal))
+    storage = storage_from_url(None, journal)
+    study = optuna.create_study(storage=storage)
     with WorkerLease(None, journal) as dead:  # a worker that ran a trial, then vanished
         trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
         trial.set_user_attr(LEASE_ATTR, dead.id)
     with WorkerLease(None, journal) as alive:
         busy = study.ask()
         busy.set_user_attr(LEASE_ATTR, alive.id)
-        assert fail_orphaned_trials(study, alive) == [(0, True)]
+        assert fail_orphaned_trials(study, alive, storage) == [(0, True)]
         retry = study.ask()  # the enqueued retry comes first, with the same parameters
         assert retry.user_attrs["retry_of"] == 0
         assert retry.suggest_float("x", 0, 1) == trial.params["x"]
     with WorkerLease(None, journal) as third:
         # both the retry's and the busy trial's workers are gone now
-        assert sorted(fail_orphaned_trials(study, third)) == [(1, True), (2, False)]
+        assert sorted(fail_orphaned_trials(study, third, storage)) == [(1, True), (2, False)]
     states = {t.number: t.state for t in study.get_trials()}
     assert states[0] == states[1] == states[2] == TrialState.FAIL
     assert "not retried again" in study.get_trials()[2].user_attrs["fail_reason"]
