@@ -9,11 +9,18 @@ mlflow is imported inside the functions that use it: importing this module has n
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+import numpy as np
+
+from .persist import load
 
 #: MLflow's limit on a param value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``).
 PARAM_VALUE_LIMIT = 6000
@@ -25,6 +32,10 @@ _UPLOAD_TIMEOUT = "60"  # artifact uploads stream data: a 5 s read timeout is to
 # failure (connection refused, timeout, 5xx, auth, a locked sqlite file) takes the tracker offline
 _REJECTIONS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"}
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+#: serving refuses inputs beyond this many times the largest magnitude seen in training
+DEFAULT_RANGE_FACTOR = 4.0
+#: the model artifact holding the training range (``input_range``, ``range_factor``)
+SERVING_CONFIG = "serving.json"
 
 
 class TrackingWarning(UserWarning):
@@ -209,25 +220,94 @@ def _requirements() -> List[str]:
     return reqs
 
 
+def _dataset(X: Any, y: Any, name: str, source: str) -> Dict[str, str]:
+    """An MLflow numpy dataset's description (name, digest, source, schema, profile) as strings:
+    what ``log_inputs`` stores, and JSON, so the outbox can keep it. No data is kept."""
+    import mlflow.data
+
+    X = np.asarray(X)
+    if X.ndim < 1 or X.size == 0:
+        raise ValueError(f"log_dataset: X must be a non-empty array, got shape {X.shape}.")
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = mlflow.data.from_numpy(X, source=source, name=name,
+                                         targets=None if y is None else np.asarray(y))
+    return {k: v for k, v in dataset.to_dict().items() if v is not None}
+
+
+def _log_dataset(client, run_id: str, dataset: Mapping[str, str], context: str) -> None:
+    """Log a :func:`_dataset` description as an input of run ``run_id`` in ``context``."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    entity = Dataset(**{k: dataset.get(k) for k in
+                        ("name", "digest", "source_type", "source", "schema", "profile")})
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def _model_extras(model_dir: Path, X_train: Any, n_examples: int = 5,
+                  range_factor: Optional[float] = DEFAULT_RANGE_FACTOR) -> Dict[str, Any]:
+    """What serving needs to refuse wrong input, as JSON: the signature (inferred from a few
+    training rows and the model's predictions on them), those rows as the input example, and
+    the training value range with the factor :mod:`nnpipe.mlflow_model` enforces it with."""
+    from mlflow.models import infer_signature
+
+    X = np.asarray(X_train)
+    if X.ndim < 2 or len(X) == 0:
+        raise ValueError(f"log_model: X_train must be the non-empty training input, an array of "
+                         f"shape (n_samples, n_features), got shape {X.shape}.")
+    sample = X[:n_examples]
+    prediction = np.asarray(load(model_dir).predict(sample))
+    finite = X[np.isfinite(X)] if np.issubdtype(X.dtype, np.floating) else X
+    factor = 0.0 if range_factor is None else float(range_factor)  # 0: no range check
+    config = {"input_range": [float(finite.min()), float(finite.max())], "range_factor": factor}
+    signature = infer_signature(sample, prediction, params={"range_factor": factor})
+    return {"signature": signature.to_dict(),
+            "input_example": sample.tolist(), "input_dtype": str(sample.dtype),
+            "model_config": config}
+
+
+def _with_extras(kwargs: Mapping[str, Any], extras: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``kwargs`` for ``Model.log`` with :func:`_model_extras`' signature and input example
+    turned back into MLflow objects (what the caller passed explicitly wins)."""
+    kwargs = dict(kwargs)
+    if not extras:
+        return kwargs
+    from mlflow.models import ModelSignature
+
+    kwargs.setdefault("signature", ModelSignature.from_dict(dict(extras["signature"])))
+    kwargs.setdefault("input_example",
+                      np.asarray(extras["input_example"], dtype=extras["input_dtype"]))
+    return kwargs
+
+
 def _log_pyfunc(client, uri: str, run_id: str, experiment_id: str, model_dir: Path, name: str,
                 params: Mapping[str, Any], kwargs: Mapping[str, Any],
-                timeout_is_ours: bool = False) -> str:
+                timeout_is_ours: bool = False,
+                extras: Optional[Mapping[str, Any]] = None) -> str:
     """Log ``model_dir`` as a models-from-code pyfunc model of run ``run_id``; returns its URI.
 
     The LoggedModel is created in the run's experiment explicitly, so no fluent (global) active
     run is needed and the user's own active run or experiment, if any, is left alone.
+    ``extras`` (:func:`_model_extras`) add the signature, input example and serving config.
     """
     import mlflow
     from mlflow.models import Model
 
-    kwargs = dict(kwargs)
+    kwargs = _with_extras(kwargs, extras)
     kwargs.setdefault("pip_requirements", _requirements())
     model = client.create_logged_model(
         experiment_id, name=name, source_run_id=run_id,
         params={k: _truncate(str(v), PARAM_VALUE_LIMIT) for k, v in dict(params).items()})
-    with _global_tracking_uri(uri), _uploading(timeout_is_ours):
-        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                         model_id=model.model_id,
-                         python_model=str(_MODEL_CODE), artifacts={"model": str(model_dir)},
-                         flavor_name="pyfunc.ModelFromCode", **kwargs)
+    with tempfile.TemporaryDirectory(prefix="nnpipe-serving-") as tmp:
+        artifacts = {"model": str(model_dir)}
+        if extras and extras.get("model_config"):
+            # an artifact, not MLflow's model_config, which Model.log also logs as run params
+            serving = Path(tmp) / SERVING_CONFIG
+            serving.write_text(json.dumps(extras["model_config"]))
+            artifacts["serving"] = str(serving)
+        with _global_tracking_uri(uri), _uploading(timeout_is_ours):
+            info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                             model_id=model.model_id, python_model=str(_MODEL_CODE),
+                             artifacts=artifacts, flavor_name="pyfunc.ModelFromCode", **kwargs)
     return info.model_uri

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from ._mlflow import (TrackingWarning, _experiment_id, _is_rejection, _log_batch, _log_pyfunc,
-                      _short, _uploading)
+from ._mlflow import (TrackingWarning, _experiment_id, _is_rejection, _log_batch, _log_dataset,
+                      _log_pyfunc, _short, _uploading)
 
 try:  # advisory locks keep `sync` away from an outbox file a live stage is still writing
     import fcntl
@@ -156,7 +156,10 @@ class _Replay:
             if self._has_model(run_id, name):  # an earlier sync was stopped after logging it
                 return
             _log_pyfunc(self.client, self.uri, run_id, self.experiments[run_id], path, name,
-                        self.params[rec["run"]], rec.get("kwargs") or {}, self.timeout_is_ours)
+                        self.params[rec["run"]], rec.get("kwargs") or {}, self.timeout_is_ours,
+                        rec.get("extras"))
+        elif kind == "dataset":  # MLflow keeps one input per (run, dataset): replays add nothing
+            _log_dataset(self.client, run_id, rec["dataset"], rec.get("context") or "training")
         elif kind == "end":
             self.client.set_terminated(run_id, rec.get("status", "FINISHED"), rec.get("end_time"))
             self.ended.add(rec["run"])

@@ -42,14 +42,17 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from skorch.callbacks import Callback
 
-from ._mlflow import (_HTTP_ENV, PARAM_VALUE_LIMIT, TrackingWarning, _client, _experiment_id,
-                      _is_http, _is_rejection, _log_batch, _log_pyfunc, _now_ms, _restore_env,
-                      _set_env, _short, _truncate, _uploading)
+from ._mlflow import (_HTTP_ENV, DEFAULT_RANGE_FACTOR, PARAM_VALUE_LIMIT, TrackingWarning,
+                      _client, _dataset, _experiment_id, _is_http, _is_rejection, _log_batch,
+                      _log_dataset, _log_pyfunc, _model_extras, _now_ms, _restore_env, _set_env,
+                      _short, _truncate, _uploading)
 from ._outbox import _OUTBOX_FORMAT, _locked, _read_records, _Replay, fcntl
 from ._registry import invalid_value
+from .exceptions import check_server_client
 
 __all__ = ["Tracker", "EpochLogger", "TrackingWarning", "tracking_uri", "repo_root", "flatten",
-           "sync_outbox", "default_outbox", "DEFAULT_OUTBOX", "PARAM_VALUE_LIMIT"]
+           "sync_outbox", "default_outbox", "DEFAULT_OUTBOX", "PARAM_VALUE_LIMIT", "check_status",
+           "data_name", "default_experiment", "epoch_metrics"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -57,6 +60,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_OUTBOX = Path("metrics") / "mlflow_outbox"
 _DVC_TMP = (".dvc", "tmp", "exps")
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+# tags a nested run copies from its parent
+_INHERITED_TAGS = ("mlflow.source.git.commit", "mlflow.source.name", "mlflow.source.type",
+                   "nnpipe.dvc_experiment", "mlflow.user")
+_SIGNAL_EXITS = (130, 143)  # exit codes of a stage stopped by Ctrl-C / SIGTERM (pipelines/_stage)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -74,6 +81,41 @@ def _check_name(argument: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise invalid_value(argument, value, "a non-empty string")
     return value
+
+
+def check_status(status: Any, optional: bool = False) -> Optional[str]:
+    """``status`` if it is an MLflow run status a run may end with, else a ValueError naming it.
+
+    Examples
+    --------
+    >>> check_status("KILLED")
+    'KILLED'
+    >>> check_status("PRUNED")
+    Traceback (most recent call last):
+    ...
+    ValueError: status must be one of 'FINISHED', 'FAILED', 'KILLED', got 'PRUNED'.
+    """
+    if status is None and optional:
+        return None
+    if not isinstance(status, str) or status not in _STATUSES:
+        allowed = ", ".join(map(repr, _STATUSES)) + (" or None" if optional else "")
+        raise invalid_value("status", status, f"one of {allowed}")
+    return status
+
+
+def _exit_status(exc_type: Optional[type], exc: Optional[BaseException]) -> str:
+    """The status a ``with`` block's exit means: FINISHED when it ran through (or exited 0),
+    KILLED for Ctrl-C / SIGTERM (exit 130 / 143), FAILED for any other error or exit code."""
+    if exc_type is None:
+        return "FINISHED"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "KILLED"
+    if issubclass(exc_type, SystemExit):
+        code = getattr(exc, "code", None)
+        if code is None or code == 0:
+            return "FINISHED"
+        return "KILLED" if code in _SIGNAL_EXITS else "FAILED"
+    return "FAILED"
 
 
 def _check_mapping(argument: str, value: Any, optional: bool = True) -> Dict[Any, Any]:
@@ -150,6 +192,44 @@ def default_outbox(start: Optional[PathLike] = None) -> Path:
     True
     """
     return repo_root(start) / DEFAULT_OUTBOX
+
+
+def data_name(source: Optional[str] = None, path: Optional[PathLike] = None) -> str:
+    """A short name for a data source: its name, or the stem of its file (folder for images).
+
+    Used for MLflow dataset names, run names and the default experiment
+    (:func:`default_experiment`).
+
+    Parameters
+    ----------
+    source : str, optional
+        ``params.yaml``'s ``data.source`` (None means ``"digits"``).
+    path : path, optional
+        ``data.path``: the npz / csv file or the images folder.
+
+    Examples
+    --------
+    >>> data_name(), data_name("csv", "data/churn.csv"), data_name("images", "data/flowers/")
+    ('digits', 'churn', 'flowers')
+    >>> data_name("digits", "data/raw")  # embedded: the path is not its name
+    'digits'
+    """
+    source = "digits" if source is None else _check_name("source", source)
+    if source == "digits" or path is None or not str(path).strip():
+        return source  # digits is embedded: a path given with it is a placeholder, unread
+    path = Path(path)
+    return (path.name if source == "images" else path.stem) or source
+
+
+def default_experiment(source: Optional[str] = None, path: Optional[PathLike] = None) -> str:
+    """The experiment a stage logs to when ``tracking.experiment`` is unset: ``nnpipe-<data>``.
+
+    Examples
+    --------
+    >>> default_experiment(), default_experiment("npz", "/data/mnist.npz")
+    ('nnpipe-digits', 'nnpipe-mnist')
+    """
+    return f"nnpipe-{data_name(source, path)}"
 
 
 # --------------------------------------------------------------------------- params
@@ -350,7 +430,7 @@ class Tracker:
     Parameters
     ----------
     stage : str
-        The stage name: the run name and the ``nnpipe.stage`` tag.
+        The stage name: the ``nnpipe.stage`` tag, and the run name unless ``name`` is given.
     params : dict, optional
         Params to log at the start; nested dicts are flattened with :func:`flatten`.
     experiment : str
@@ -361,10 +441,14 @@ class Tracker:
     tags : dict, optional
         Extra run tags. The tracker sets ``nnpipe.stage``, ``mlflow.source.git.commit`` (git
         ``HEAD``, when in a git repository), ``nnpipe.dvc_experiment`` (``$DVC_EXP_NAME``, when
-        set) and ``mlflow.user``.
+        set) and ``mlflow.user``. Nested runs inherit these and ``mlflow.source.name`` /
+        ``mlflow.source.type`` (the stages set ``pipelines/<stage>.py`` / ``JOB``).
     outbox : path, optional
         Directory for offline records (a relative path: from the working directory at
         construction); :func:`default_outbox` by default.
+    name : str, optional
+        The run name shown in the MLflow UI (e.g. ``"train · cnn2d · digits · lr=0.005"``);
+        the stage by default.
 
     Attributes
     ----------
@@ -386,8 +470,10 @@ class Tracker:
 
     def __init__(self, stage: str, params: Optional[Mapping[str, Any]] = None, *,
                  experiment: str = "nnpipe", uri: Optional[str] = None,
-                 tags: Optional[Mapping[str, Any]] = None, outbox: Optional[PathLike] = None):
+                 tags: Optional[Mapping[str, Any]] = None, outbox: Optional[PathLike] = None,
+                 name: Optional[str] = None):
         self.stage = _check_name("stage", stage)
+        self.run_name = self.stage if name is None else _check_name("name", name)
         self.experiment = _check_name("experiment", experiment)
         if uri is not None:
             _check_name("uri", uri)
@@ -396,6 +482,7 @@ class Tracker:
         if outbox is not None and not isinstance(outbox, (str, os.PathLike)):
             raise invalid_value("outbox", outbox, "a directory path or None")
         self.uri = uri if uri is not None else tracking_uri()
+        check_server_client(self.uri, "tracking.uri")  # a missing library is no outage
         self.outbox = default_outbox() if outbox is None else Path(outbox).absolute()
         self.key = uuid.uuid4().hex
         self.run_id: Optional[str] = None
@@ -405,13 +492,15 @@ class Tracker:
         self._experiment_id: Optional[str] = None
         self._children: List[Tracker] = []
         self._start_time: Optional[int] = None
+        self._exit_status: Optional[str] = None  # what a clean exit ends with (child(status=))
 
     # ----------------------------------------------------------------- properties
 
     @property
     def name(self) -> str:
-        """The run name (the stage for a root tracker, the child name for a child)."""
-        return self.stage
+        """The run name (``name``, else the stage, for a root tracker; the child name for a
+        child)."""
+        return self.run_name
 
     @property
     def offline(self) -> bool:
@@ -443,11 +532,11 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.end("FINISHED")
+        status = _exit_status(exc_type, exc)
+        if status == "FINISHED":
+            self.end(self._exit_status or "FINISHED")
         else:
-            killed = issubclass(exc_type, (KeyboardInterrupt, SystemExit))
-            self.end("KILLED" if killed else "FAILED", error=exc)
+            self.end(status, error=exc)
         return False
 
     def start(self) -> "Tracker":
@@ -474,16 +563,16 @@ class Tracker:
         return self
 
     def end(self, status: str = "FINISHED", error: Optional[BaseException] = None) -> None:
-        """End the run with ``status`` (``with`` does this); open children end with it too."""
-        if status not in _STATUSES:
-            raise invalid_value("status", status, f"one of {', '.join(map(repr, _STATUSES))}")
+        """End the run with ``status`` (``with`` does this); open children end with it too (a
+        child given ``status=`` ends with its own when this one finishes)."""
+        check_status(status)
         if self.status == "PENDING":
             raise RuntimeError(f"Tracker {self.stage!r} was never started.")
         if self.status != "RUNNING":
             return
         for child in self._children:
             if child.status == "RUNNING":
-                child.end(status)
+                child.end((child._exit_status or status) if status == "FINISHED" else status)
         if error is not None:
             self.set_tags({"nnpipe.error": _short(error)})
         try:
@@ -497,17 +586,32 @@ class Tracker:
                 self._tree.close()
 
     def child(self, name: str, params: Optional[Mapping[str, Any]] = None, *,
-              tags: Optional[Mapping[str, Any]] = None) -> "Tracker":
+              tags: Optional[Mapping[str, Any]] = None,
+              status: Optional[str] = None) -> "Tracker":
         """A nested run (``mlflow.parentRunId`` = this run) for a fold, a trial, a member.
 
         Use it as a context manager; a child that is logged to without ``with`` starts itself and
         is ended when its parent ends.
+
+        Parameters
+        ----------
+        name : str
+            The nested run's name.
+        params, tags : dict, optional
+            Params (flattened) and tags to log at its start.
+        status : {"FINISHED", "FAILED", "KILLED"}, optional
+            The MLflow status the child ends with when its block exits normally (e.g.
+            ``"KILLED"`` for a pruned search trial, ``"FAILED"`` for a failed one); None means
+            ``"FINISHED"``. A block that raises always ends the child ``"FAILED"`` (``"KILLED"``
+            for Ctrl-C / SIGTERM), whatever ``status`` says.
         """
         _check_name("name", name)
+        check_status(status, optional=True)
         self._require_running()
         kid = Tracker(name, params, experiment=self.experiment, uri=self.uri, tags=tags,
                       outbox=self.outbox)
         kid._parent, kid._tree = self, self._tree
+        kid._exit_status = status
         self._children.append(kid)
         return kid
 
@@ -522,13 +626,18 @@ class Tracker:
                       lambda: _log_batch(self._tree.client(), self.run_id, params=flat),
                       {"type": "params", "params": flat})
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
-        """Log numeric metrics at ``step`` (MLflow's step 0 when None)."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None, *,
+                    timestamp: Optional[int] = None) -> None:
+        """Log numeric metrics at ``step`` (MLflow's step 0 when None), stamped ``timestamp``
+        (milliseconds since the epoch; now when None)."""
         values = _metric_values(metrics)
         if step is not None and (not isinstance(step, Integral) or isinstance(step, bool)):
             raise invalid_value("step", step, "an int or None")
+        if timestamp is not None and (not isinstance(timestamp, Integral)
+                                      or isinstance(timestamp, bool)):
+            raise invalid_value("timestamp", timestamp, "an int (ms since the epoch) or None")
         self._require_running()
-        step, stamp = int(step or 0), _now_ms()
+        step, stamp = int(step or 0), _now_ms() if timestamp is None else int(timestamp)
         self._guarded(f"logging metrics to run {self.stage!r}",
                       lambda: _log_batch(self._tree.client(), self.run_id, metrics=values,
                                          step=step, timestamp=stamp),
@@ -551,12 +660,57 @@ class Tracker:
         """Log a directory's files (under ``artifact_path`` in the run's artifacts, if given)."""
         self._log_files(directory, artifact_path, directory=True)
 
-    def log_model(self, model_dir: PathLike, name: str = "model", **kwargs: Any) -> Optional[str]:
+    def log_dataset(self, X: Any, y: Any = None, *, name: str, source: PathLike,
+                    context: str = "training") -> None:
+        """Log a dataset as an input of this run (the run's Dataset column in the MLflow UI).
+
+        Only its description is logged: ``name``, a digest of the arrays, ``source``, the schema
+        (dtype and shape) and the profile (sizes); never the data. Offline, the description is
+        kept in the outbox and :func:`sync_outbox` logs it.
+
+        Parameters
+        ----------
+        X : array-like
+            The features, as the model receives them.
+        y : array-like, optional
+            The targets.
+        name : str
+            The dataset's name, e.g. ``"digits"`` or a CSV file's stem (:func:`data_name`).
+        source : path or str
+            Where the arrays were read from (e.g. ``data/prepared/train.npz``); a relative path
+            is made absolute.
+        context : str
+            What the run used it for: ``"training"``, ``"test"``, ...
+        """
+        _check_name("name", name)
+        _check_name("context", context)
+        if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+            raise invalid_value("source", source, "a path or URI string")
+        if isinstance(source, os.PathLike) or "://" not in str(source):
+            source = str(Path(source).absolute())
+        self._require_running()
+        dataset = self._describe(f"describe dataset {name!r}", _dataset, X, y, name, str(source))
+        if dataset is None:
+            return
+        self._guarded(f"logging dataset {name!r} to run {self.stage!r}",
+                      lambda: _log_dataset(self._tree.client(), self.run_id, dataset, context),
+                      {"type": "dataset", "dataset": dataset, "context": context})
+
+    def log_model(self, model_dir: PathLike, name: str = "model", *, X_train: Any = None,
+                  n_examples: int = 5, range_factor: Optional[float] = DEFAULT_RANGE_FACTOR,
+                  **kwargs: Any) -> Optional[str]:
         """Log an :func:`nnpipe.save` directory as an MLflow pyfunc model; returns its URI.
 
         The model is logged "from code" (``nnpipe/mlflow_model.py``) with the directory as its
         artifact ``"model"``: nothing is pickled. Load it with ``mlflow.pyfunc.load_model(uri)``
         (with the tracking URI pointing at this store).
+
+        With ``X_train`` the model gets a signature (inferred from its first rows and the model's
+        predictions on them), those rows as its input example, and the training value range.
+        Serving then refuses input with the wrong number of columns or the wrong dtype (an
+        MLflow error naming the expected schema), non-finite values, and values beyond
+        ``range_factor`` times the largest magnitude seen in training (e.g. raw 0-16 pixels
+        for a model trained on pixels scaled to [0, 1]).
 
         Parameters
         ----------
@@ -564,6 +718,16 @@ class Tracker:
             A directory written by :func:`nnpipe.save`.
         name : str
             The logged model's name.
+        X_train : array-like of shape (n_samples, n_features), optional
+            The training input as the model receives it (before the saved pipeline's own
+            preprocessing).
+        n_examples : int
+            How many rows of ``X_train`` make the input example.
+        range_factor : float or None
+            Serving refuses values beyond ``range_factor * max(|min|, |max|)`` of ``X_train``;
+            None checks no range. A prediction can ask for another factor (0: no check) with
+            ``model.predict(X, params={"range_factor": ...})`` (an inference parameter of the
+            signature).
         **kwargs
             Passed on to MLflow's model logging (``signature``, ``input_example``,
             ``registered_model_name``, ``pip_requirements``, ...).
@@ -579,17 +743,27 @@ class Tracker:
             raise invalid_value("model_dir", str(model_dir),
                                 "an existing directory written by nnpipe.save")
         _check_name("name", name)
+        if not isinstance(n_examples, Integral) or isinstance(n_examples, bool) or n_examples < 1:
+            raise invalid_value("n_examples", n_examples, "an int >= 1")
+        if range_factor is not None and (not isinstance(range_factor, Real)
+                                         or isinstance(range_factor, bool) or
+                                         not 0 < range_factor < float("inf")):
+            raise invalid_value("range_factor", range_factor, "a finite number > 0 or None")
         self._require_running()
+        extras = None if X_train is None else self._describe(
+            f"infer the signature of model {name!r} (it is logged without one)", _model_extras,
+            model_dir, X_train, int(n_examples), range_factor)
         try:
             saved_kwargs = json.loads(json.dumps(kwargs))
         except (TypeError, ValueError):
             saved_kwargs = {k: v for k, v in kwargs.items() if _jsonable(v)}
-        record = {"type": "model", "path": str(model_dir), "name": name, "kwargs": saved_kwargs}
+        record = {"type": "model", "path": str(model_dir), "name": name, "kwargs": saved_kwargs,
+                  "extras": extras}
         return self._guarded(
             f"logging model {name!r} to run {self.stage!r}",
             lambda: _log_pyfunc(self._tree.client(), self.uri, self.run_id, self._experiment_id,
                                 model_dir, name, self._params, kwargs,
-                                self._tree.timeout_is_ours),
+                                self._tree.timeout_is_ours, extras),
             record)
 
     def epoch_logger(self, prefix: str = "", skip: Iterable[str] = ()) -> "EpochLogger":
@@ -605,11 +779,9 @@ class Tracker:
         root = self
         while root._parent is not None:
             root = root._parent
-        tags = {"nnpipe.stage": root.stage, "mlflow.runName": self.stage}
+        tags = {"nnpipe.stage": root.stage, "mlflow.runName": self.run_name}
         if self._parent is not None:
-            tags.update({k: v for k, v in self._parent._tags.items()
-                         if k in ("mlflow.source.git.commit", "nnpipe.dvc_experiment",
-                                  "mlflow.user")})
+            tags.update({k: v for k, v in self._parent._tags.items() if k in _INHERITED_TAGS})
             return tags
         commit = _git(["rev-parse", "HEAD"], Path.cwd())
         if commit:
@@ -629,10 +801,20 @@ class Tracker:
             self._experiment_id = self._parent._experiment_id
             tags["mlflow.parentRunId"] = self._parent.run_id
         run = client.create_run(self._experiment_id, start_time=self._start_time, tags=tags,
-                                run_name=self.stage)
+                                run_name=self.run_name)
         self.run_id = run.info.run_id
         if self._params:
             _log_batch(client, self.run_id, params=self._params)
+
+    def _describe(self, what: str, fn, *args: Any) -> Any:
+        """``fn(*args)``, or None with a warning: describing what is logged never stops a
+        stage at its end (a model or data the description fails on is the stage's own)."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - tracking never breaks training
+            warnings.warn(f"nnpipe.tracking: could not {what}: {_short(exc)}",
+                          TrackingWarning, stacklevel=4)
+            return None
 
     def _require_running(self) -> None:
         if self.status == "PENDING" and self._parent is not None:
@@ -692,7 +874,7 @@ class Tracker:
         tree.append({
             "type": "run", "run": self.key,
             "parent": self._parent.key if self._parent is not None else None,
-            "name": self.stage, "experiment": self.experiment, "uri": self.uri,
+            "name": self.run_name, "experiment": self.experiment, "uri": self.uri,
             "mlflow_run_id": self.run_id, "start_time": self._start_time,
             "tags": dict(self._tags), "params": dict(self._params),
         })
@@ -707,13 +889,73 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-class EpochLogger(Callback):
-    """skorch callback: log each epoch's numeric history entries to a :class:`Tracker`.
+#: history entries that are settings, not measurements: a per-epoch metric only once they change
+HELD_KEYS = ("lr",)
 
-    Everything numeric in the epoch's history row is logged with ``step=epoch`` (train_loss,
-    valid_loss, valid_acc, lr, dur, ...), except ``epoch`` itself, the ``*_best`` flags
-    (booleans) and the names in ``skip``. Copies made by ``sklearn.clone`` log to the same
-    tracker.
+
+def _measurement(key: str, value: Any, skip: Iterable[str] = ()) -> bool:
+    """Whether a history entry can be an epoch metric: a number, not a flag, not the epoch, not
+    a batch count or size (bookkeeping, not a result), not in ``skip``."""
+    if key in ("epoch", "batches") or key in skip or key.endswith(("_batch_count", "_batch_size")):
+        return False
+    return (isinstance(value, Real) and not isinstance(value, bool)
+            and type(value).__name__ != "bool_")
+
+
+def epoch_metrics(history: Any, held: Iterable[str] = HELD_KEYS, skip: Iterable[str] = ()
+                  ) -> "tuple[List[tuple[int, Dict[str, float]]], Dict[str, float]]":
+    """Split a fitted net's history into per-epoch metrics and single final values.
+
+    Measurements (``train_loss``, ``valid_loss``, ``valid_acc`` and other scores, ``dur``) are
+    per-epoch metrics. A ``held`` entry (``lr``) is one only when it changes during training (a
+    schedule); a constant one becomes a single final value. Batch counts and sizes, ``epoch``,
+    the ``*_best`` flags and the names in ``skip`` are not metrics.
+
+    Parameters
+    ----------
+    history : skorch History or list of dict
+    held : iterable of str
+    skip : iterable of str
+
+    Returns
+    -------
+    per_epoch : list of (epoch, dict)
+    final : dict
+        The constant ``held`` entries, with their value.
+
+    Examples
+    --------
+    >>> rows = [{"epoch": 1, "lr": 0.1, "train_batch_count": 3, "train_loss": 0.9},
+    ...         {"epoch": 2, "lr": 0.1, "train_batch_count": 3, "train_loss": 0.5}]
+    >>> epoch_metrics(rows)
+    ([(1, {'train_loss': 0.9}), (2, {'train_loss': 0.5})], {'lr': 0.1})
+    """
+    rows = list(history.to_list() if hasattr(history, "to_list") else history)
+    held, skip = tuple(held), tuple(skip)
+    seen: Dict[str, set] = {}
+    for row in rows:
+        for key in held:
+            if _measurement(key, row.get(key), skip):
+                seen.setdefault(key, set()).add(float(row[key]))
+    changing = {key for key, values in seen.items() if len(values) > 1}
+    per_epoch = [(int(row["epoch"]),
+                  {str(k): float(v) for k, v in row.items() if _measurement(k, v, skip)
+                   and (k not in held or k in changing)}) for row in rows]
+    final = {key: float(next(r[key] for r in reversed(rows) if key in r))
+             for key in seen if key not in changing}
+    return [(step, values) for step, values in per_epoch if values], final
+
+
+class EpochLogger(Callback):
+    """skorch callback: log each epoch's measurements to a :class:`Tracker`, with the epoch as
+    the step.
+
+    What changes from epoch to epoch is a per-epoch metric: the losses, the validation scores,
+    ``dur``, and a ``held`` entry (``lr``) once it changes (a schedule; its earlier epochs are
+    then logged too, with their steps and times). A ``held`` entry that stays constant is logged
+    once, when training ends (at the last epoch's step). Batch counts and sizes, ``epoch``, the
+    ``*_best`` flags (booleans) and the names in ``skip`` are never logged (see
+    :func:`epoch_metrics`). Copies made by ``sklearn.clone`` log to the same tracker.
 
     Parameters
     ----------
@@ -722,31 +964,63 @@ class EpochLogger(Callback):
         Prepended to each metric name (e.g. ``"fold0/"``).
     skip : iterable of str
         History keys not to log (e.g. ``("dur",)``).
+    held : iterable of str
+        History keys that are settings: per-epoch metrics only once they change.
     """
 
-    def __init__(self, tracker: Tracker, prefix: str = "", skip: Iterable[str] = ()):
+    def __init__(self, tracker: Tracker, prefix: str = "", skip: Iterable[str] = (),
+                 held: Iterable[str] = HELD_KEYS):
         self.tracker = tracker
         self.prefix = prefix
         self.skip = skip
+        self.held = held
 
     def __deepcopy__(self, memo):  # sklearn.clone deep-copies callbacks; share the tracker
-        return type(self)(self.tracker, prefix=self.prefix, skip=tuple(self.skip))
+        return type(self)(self.tracker, prefix=self.prefix, skip=tuple(self.skip),
+                          held=tuple(self.held))
 
     def initialize(self):
         if not isinstance(self.tracker, Tracker):
             raise invalid_value("tracker", self.tracker, "an nnpipe.tracking.Tracker")
         if not isinstance(self.prefix, str):
             raise invalid_value("prefix", self.prefix, "a string")
-        self.skip_ = {"epoch", "batches", *self.skip}
+        self.skip_ = tuple(self.skip)
+        self.held_ = tuple(self.held)
+        self._reset()
         return self
+
+    def _reset(self) -> None:
+        self.pending_: Dict[str, List[tuple]] = {}  # held key -> [(step, value, ms)] so far
+        self.changing_: set = set()
+
+    def on_train_begin(self, net, **kwargs):
+        self._reset()
 
     def on_epoch_end(self, net, **kwargs):
         row = net.history[-1]
-        values = {f"{self.prefix}{key}": float(value) for key, value in row.items()
-                  if key not in self.skip_ and isinstance(value, Real)
-                  and not isinstance(value, bool) and type(value).__name__ != "bool_"}
+        step, stamp = int(row["epoch"]), _now_ms()
+        values = {}
+        for key, value in row.items():
+            if not _measurement(key, value, self.skip_):
+                continue
+            if key in self.held_ and key not in self.changing_:
+                points = self.pending_.setdefault(key, [])
+                points.append((step, float(value), stamp))
+                if points[0][1] == float(value):
+                    continue  # constant so far: held back
+                self.changing_.add(key)  # it changes: its earlier epochs are metrics too
+                for old_step, old_value, old_stamp in self.pending_.pop(key)[:-1]:
+                    self.tracker.log_metrics({f"{self.prefix}{key}": old_value}, step=old_step,
+                                             timestamp=old_stamp)
+            values[f"{self.prefix}{key}"] = float(value)
         if values:
-            self.tracker.log_metrics(values, step=int(row["epoch"]))
+            self.tracker.log_metrics(values, step=step, timestamp=stamp)
+
+    def on_train_end(self, net, **kwargs):
+        for key, points in getattr(self, "pending_", {}).items():  # constant: one final value
+            step, value, stamp = points[-1]
+            self.tracker.log_metrics({f"{self.prefix}{key}": value}, step=step, timestamp=stamp)
+        self._reset()
 
 
 # --------------------------------------------------------------------------- replay
@@ -813,27 +1087,47 @@ def sync_outbox(outbox: Optional[PathLike] = None, uri: Optional[str] = None) ->
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m nnpipe.tracking sync [--outbox DIR] [--uri URI]``."""
-    parser = argparse.ArgumentParser(prog="python -m nnpipe.tracking",
-                                     description="nnpipe MLflow tracking utilities.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    sync = commands.add_parser("sync", help="replay offline tracking records into MLflow")
-    sync.add_argument("--outbox", default=None,
-                      help=f"outbox directory (default: <repo root>/{DEFAULT_OUTBOX.as_posix()})")
-    sync.add_argument("--uri", default=None,
-                      help="tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                           "sqlite:///<repo root>/mlflow.db)")
-    args = parser.parse_args(argv)
+def add_sync_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sync`` (``python -m nnpipe.tracking sync`` and ``nnpipe sync``)."""
+    parser.add_argument("--outbox", default=None,
+                        help=f"outbox directory (default: <repo root>/"
+                             f"{DEFAULT_OUTBOX.as_posix()})")
+    parser.add_argument("--uri", default=None,
+                        help="tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///<repo root>/mlflow.db)")
+
+
+def sync_command(args: argparse.Namespace) -> int:
+    """Run ``sync`` for parsed :func:`add_sync_arguments` options; returns the exit status.
+
+    An ``--outbox`` given but not a directory is an error (exit 1); the default outbox may not
+    exist yet (nothing ever went offline): then there is nothing to sync (exit 0).
+    """
     uri = args.uri or tracking_uri()
-    outbox = args.outbox or default_outbox()
+    outbox = Path(args.outbox) if args.outbox else default_outbox()
+    if args.outbox and not outbox.is_dir():
+        print(f"error: --outbox {str(outbox)!r} is not a directory (give the folder offline "
+              f"runs were written to; default <repo root>/{DEFAULT_OUTBOX.as_posix()})",
+              file=sys.stderr)
+        return 1
     try:
         count = sync_outbox(outbox, uri=uri)
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"synced {count} run{'s' if count != 1 else ''} from {outbox} to {uri}")
+    print(f"synced {count} run{'s' if count != 1 else ''} from {outbox} to {uri}"
+          + (": nothing to sync (no offline runs there)" if count == 0 else ""))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m nnpipe.tracking sync [--outbox DIR] [--uri URI]``."""
+    parser = argparse.ArgumentParser(prog="python -m nnpipe.tracking",
+                                     description="nnpipe MLflow tracking utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_sync_arguments(commands.add_parser("sync", help="replay offline tracking records into "
+                                                        "MLflow"))
+    return sync_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

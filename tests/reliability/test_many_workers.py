@@ -166,7 +166,7 @@ import json, math, sys, warnings
 
 uri, experiment, me, n_workers, outbox, folder, report, n_steps, fit = sys.argv[1:10]
 me, n_workers, n_steps, fit = int(me), int(n_workers), int(n_steps), fit == "1"
-from nnpipe.tracking import Tracker, TrackingWarning
+from nnpipe.tracking import Tracker, TrackingWarning, epoch_metrics
 
 if fit:
     import numpy as np
@@ -199,10 +199,16 @@ with warnings.catch_warnings(record=True) as caught:
             net = NNClassifier("mlp", module__hidden_sizes=[8], max_epochs=15, lr=0.01,
                                random_state=me, callbacks=[("mlflow", run.epoch_logger("fit."))])
             net.fit(X, y)
-            keys = [k for k, v in net.history[-1].items() if k != "epoch"
-                    and isinstance(v, (int, float)) and not isinstance(v, bool)]
-            out["fit"] = {f"fit.{k}": [[row["epoch"], float(row[k])] for row in net.history]
-                          for k in keys}
+            # what changes per epoch, every epoch; a constant (lr) once, at the last epoch;
+            # batch counts never (nnpipe.tracking.epoch_metrics)
+            per_epoch, final = epoch_metrics(net.history)
+            out["fit"] = {}
+            for step, values in per_epoch:
+                for k, v in values.items():
+                    out["fit"].setdefault(f"fit.{k}", []).append([step, v])
+            out["fit"].update({f"fit.{k}": [[per_epoch[-1][0], v]] for k, v in final.items()})
+            assert "fit.train_loss" in out["fit"]
+            assert not any("batch_count" in k for k in out["fit"])
         out["offline_during"] = run.offline
     out.update(run_id=run.run_id, status=run.status, offline=run.offline,
                warnings=[f"{w.category.__name__}: {w.message}" for w in caught
