@@ -29,7 +29,7 @@ def main() -> None:
         repo.mkdir()
         for name in ("dvc.yaml", "params.yaml", ".gitignore"):
             shutil.copy(ROOT / name, repo / name)
-        for pkg in ("pipelines", "nnpipe"):
+        for pkg in ("pipelines", "nnpipe", "data/raw"):  # data/raw: prepare's ${data.path}
             shutil.copytree(ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "PYTHONPATH": str(repo)}
         env.pop("MLFLOW_TRACKING_URI", None)

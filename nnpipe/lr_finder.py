@@ -27,6 +27,7 @@ from skorch.callbacks import Callback, LRScheduler
 from torch.optim.lr_scheduler import ExponentialLR
 
 from ._registry import invalid_value
+from .callbacks import training_batches
 
 __all__ = ["LRRangeResult", "lr_range_test"]
 
@@ -266,15 +267,14 @@ def lr_range_test(estimator, X, y, *, start_lr: float = 1e-7, end_lr: float = 10
     if last is not estimator and len(estimator.steps) > 1:  # no preprocessing: X as it is
         X = clone(estimator[:-1]).fit_transform(X, y)
     net = _copy_without_callbacks(last)
-    n_rows = len(X)
-    batch_size = net.batch_size if isinstance(net.batch_size, Integral) and net.batch_size > 0 \
-        else n_rows
-    per_epoch = max(1, math.ceil(n_rows / batch_size))
+    net.set_params(lr=start_lr, lr_schedule=None, early_stopping=None, train_split=None,
+                   verbose=0, on_interrupt="stop")
+    # the batches an epoch really runs (iterator_train__batch_size, drop_last count)
+    per_epoch = max(1, training_batches(net, net.get_dataset(X)) or 1)
     gamma = (end_lr / start_lr) ** (1.0 / (num_iter - 1))
     stopper = _RangeStop(num_iter, smooth, diverge_factor)
     net.set_params(
-        lr=start_lr, lr_schedule=None, early_stopping=None, train_split=None, verbose=0,
-        on_interrupt="stop", max_epochs=math.ceil(num_iter / per_epoch) + 1,
+        max_epochs=math.ceil(num_iter / per_epoch) + 1,
         callbacks=[("range_test_lr", LRScheduler(ExponentialLR, gamma=gamma, step_every="batch",
                                                  event_name=_EVENT)),
                    ("range_test_stop", stopper)])

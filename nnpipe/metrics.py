@@ -8,7 +8,8 @@ Thin, validated wrappers around :mod:`sklearn.metrics` (``log_loss``, ``accuracy
 * :func:`ece` and :func:`reliability_curve` -- expected calibration error and the per-bin
   numbers behind a reliability diagram, on the max ("confidence") probability;
 * :func:`predictive_entropy` -- per-sample entropy of the predictive distribution;
-* :func:`classification_metrics` / :func:`regression_metrics` -- one JSON-ready dict each.
+* :func:`classification_metrics` / :func:`regression_metrics` -- one JSON-ready dict each;
+* :func:`headline` -- the few of them a metrics file keeps (:data:`HEADLINE_METRICS`).
 
 Conventions
 -----------
@@ -25,7 +26,7 @@ anything else is an error. Pass ``labels`` (e.g. ``classes_``) whenever they are
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 from sklearn.metrics import (
@@ -50,11 +51,22 @@ __all__ = [
     "classification_metrics",
     "regression_metrics",
     "per_class_report",
+    "headline",
+    "HEADLINE_METRICS",
+    "CV_HEADLINE_METRICS",
     "ROW_SUM_TOL",
 ]
 
 #: Largest accepted deviation of a ``proba`` row sum from 1.
 ROW_SUM_TOL = 1e-3
+
+#: The numbers a metrics file (``metrics/*.json``, shown by ``dvc metrics show`` and
+#: ``dvc exp show``) keeps for one model: those compared across experiments. Details (per-class
+#: report, each ensemble member, latencies, per fold) belong in a report file.
+HEADLINE_METRICS = ("accuracy", "balanced_accuracy", "nll", "brier", "ece", "r2", "rmse", "mae")
+
+#: The subset kept for cross-validation, as mean and standard deviation over the folds.
+CV_HEADLINE_METRICS = ("accuracy", "nll", "ece", "r2", "rmse", "mae")
 
 
 # --------------------------------------------------------------------------- validation
@@ -478,3 +490,45 @@ def per_class_report(y_true: Any, y_pred: Any, classes: Sequence) -> Dict[str, A
     report = classification_report(yt, yp, labels=labels, target_names=[str(c) for c in labels],
                                    output_dict=True, zero_division=0)
     return _plain(report)
+
+
+def headline(metrics: Mapping[str, Any],
+             keys: Sequence[str] = HEADLINE_METRICS) -> Dict[str, float]:
+    """The entries of ``metrics`` named in ``keys``, in that order, as plain floats.
+
+    Parameters
+    ----------
+    metrics : mapping
+        A result such as :func:`classification_metrics` returns, possibly with more keys
+        (nested reports are left out unless named).
+    keys : sequence of str, default=HEADLINE_METRICS
+        The names to keep; a name ``metrics`` lacks (a regression metric for a classifier) is
+        skipped.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        A kept entry is not a number.
+
+    Examples
+    --------
+    >>> headline({"nll": 0.3, "accuracy": 0.9, "per_class": {"0": {"recall": 1.0}}})
+    {'accuracy': 0.9, 'nll': 0.3}
+    >>> headline({"accuracy": None})
+    Traceback (most recent call last):
+    ...
+    ValueError: headline: metrics['accuracy'] must be a number, got None.
+    """
+    out = {}
+    for key in keys:
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise invalid_value(f"headline: metrics[{key!r}]", value, "a number")
+        out[key] = float(value)
+    return out

@@ -1,4 +1,4 @@
-"""Evaluation plots (PNG) and the CSV files ``dvc plots`` draws from.
+"""Evaluation plots (PNG, what ``dvc plots show`` displays) and the CSV tables behind them.
 
 Every function writes one file, creates its parent folders, and returns the written path as a
 ``str``. Figures are built with :class:`matplotlib.figure.Figure` directly, never through

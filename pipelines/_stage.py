@@ -10,7 +10,9 @@ non-zero: 1 for an error, 130 for Ctrl-C, 143 for SIGTERM.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
 from nnpipe.config import Config, ConfigError, load_config
+from nnpipe.exceptions import EXPECTED_ERRORS, debug_requested
 
 
 class Outputs:
@@ -62,7 +65,8 @@ class Outputs:
 
 
 class NullTracker:
-    """Stands in for :class:`nnpipe.tracking.Tracker` when ``tracking.enabled`` is false."""
+    """Stands in for :class:`nnpipe.tracking.Tracker` when ``tracking.enabled`` is false: every
+    logging call does nothing; ``child`` checks its ``status`` as the real one does."""
 
     def __enter__(self):
         return self
@@ -70,32 +74,102 @@ class NullTracker:
     def __exit__(self, *exc):
         return False
 
+    def child(self, name: str, params: Optional[Dict[str, Any]] = None, *,
+              tags: Optional[Dict[str, Any]] = None, status: Optional[str] = None):
+        from nnpipe.tracking import check_status
+
+        check_status(status, optional=True)
+        return NullTracker()
+
+    def epoch_logger(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name == "child":
-            return lambda *a, **k: NullTracker()
-        if name == "epoch_logger":
-            return lambda: None
+        if name.startswith("__"):
+            raise AttributeError(name)
         return lambda *a, **k: None
 
 
+def _default(func: Callable[..., Any], name: str) -> Any:
+    """The default of ``func``'s parameter ``name``: defaults live once, in the signatures."""
+    return inspect.signature(func).parameters[name].default
+
+
+def _run_name(cfg: Config, stage: str, data: str) -> str:
+    """A short, human run name saying what ran: ``train · cnn2d · digits · lr=0.005``."""
+    from nnpipe.cv import cross_validate_model
+    from nnpipe.ensemble import EnsembleClassifier
+    from nnpipe.estimators import NNClassifier
+
+    module = cfg.model.get("module", _default(NNClassifier, "module"))
+    lr = cfg.train.get("lr", _default(NNClassifier, "lr"))
+    parts = [stage]
+    if stage == "cv":
+        folds = cfg.cv.folds or _default(cross_validate_model, "folds")
+        repeats = cfg.cv.repeats or 1
+        parts.append(f"{folds} folds" + (f"×{repeats}" if repeats > 1 else ""))
+    elif stage == "ensemble":
+        section = cfg.raw.get("ensemble") or {}
+        kind = section.get("kind", _default(EnsembleClassifier, "kind"))
+        members = section.get("n_members", _default(EnsembleClassifier, "n_members"))
+        parts.append(f"{kind}×{members}")
+    elif stage == "search" and cfg.search is not None:
+        parts.append(f"{cfg.search.n_trials} trials")
+    if stage != "prepare":
+        parts.append(str(module))
+    parts.append(data)
+    if stage in ("train", "cv", "ensemble"):
+        parts.append(f"lr={lr:g}" if isinstance(lr, (int, float)) else f"lr={lr}")
+    return " · ".join(parts)
+
+
 def tracker_for(cfg: Config, stage: str, params: Optional[Dict[str, Any]] = None):
+    """The stage's MLflow run (a :class:`NullTracker` when ``tracking.enabled`` is false).
+
+    Named by what ran (:func:`_run_name`), tagged with the stage (``nnpipe.stage``) and its
+    entry point as the run's source (``mlflow.source.name = pipelines/<stage>.py``, type
+    ``JOB``), in ``tracking.experiment`` or, when that is unset, ``nnpipe-<data>``
+    (:func:`nnpipe.tracking.default_experiment`).
+    """
     if not cfg.tracking.enabled:
         return NullTracker()
-    from nnpipe.tracking import Tracker, flatten
+    from nnpipe.tracking import Tracker, data_name, default_experiment, flatten
 
     flat = flatten(params if params is not None else cfg.raw)
-    return Tracker(stage, params=flat, experiment=cfg.tracking.experiment or "nnpipe",
-                   uri=cfg.tracking.uri)
+    data = data_name(cfg.data.source, cfg.data.path)
+    experiment = cfg.tracking.experiment or default_experiment(cfg.data.source, cfg.data.path)
+    entry = Path(__file__).with_name(f"{stage}.py")
+    source = f"{entry.parent.name}/{entry.name}"
+    return Tracker(stage, params=flat, experiment=experiment, uri=cfg.tracking.uri,
+                   name=_run_name(cfg, stage, data),
+                   tags={"mlflow.source.name": source, "mlflow.source.type": "JOB"})
 
 
-_EPOCH_METRICS = ("train_loss", "valid_loss", "valid_acc", "lr")
+def log_dataset(tracker, cfg: Config, data_dir: os.PathLike, ds, split: str = "train") -> None:
+    """Log the prepared ``split`` (``train`` or ``test``) of ``ds`` (read from ``data_dir``) as
+    the run's dataset: named after the data source, ``<data_dir>/<split>.npz`` as its source,
+    context ``training`` or ``test``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"log_dataset: split must be 'train' or 'test', got {split!r}.")
+    from nnpipe.tracking import data_name
+
+    tracker.log_dataset(getattr(ds, f"X_{split}"), getattr(ds, f"y_{split}"),
+                        name=data_name(cfg.data.source, cfg.data.path),
+                        source=Path(data_dir) / f"{split}.npz",
+                        context="training" if split == "train" else "test")
 
 
 def log_history(tracker, history) -> None:
-    """Log a fitted net's per-epoch metrics to ``tracker`` with the epoch as the step."""
-    for row in history.to_list():
-        tracker.log_metrics({k: float(v) for k, v in row.items() if k in _EPOCH_METRICS},
-                            step=int(row["epoch"]))
+    """Log a fitted net's history to ``tracker``: what changes per epoch as metrics with the
+    epoch as the step, a constant ``lr`` once, batch counts not at all
+    (:func:`nnpipe.tracking.epoch_metrics`)."""
+    from nnpipe.tracking import epoch_metrics
+
+    per_epoch, final = epoch_metrics(history)
+    for step, values in per_epoch:
+        tracker.log_metrics(values, step=step)
+    if final:
+        tracker.log_metrics(final, step=per_epoch[-1][0] if per_epoch else None)
 
 
 def best_config(cfg: Config, best_file: Optional[str]) -> Config:
@@ -141,9 +215,14 @@ def _sigterm(signum, frame):
 
 @contextmanager
 def _handled(stage: str) -> Iterator[None]:
+    """Exit 1 on any error, 130 on Ctrl-C. An expected error (invalid params, a missing file,
+    nnpipe's own errors, a ValueError naming a bad value) prints one message; its traceback
+    only with ``NNPIPE_DEBUG=1``. Any other exception is a bug and prints its traceback."""
     try:
         yield
     except ConfigError as exc:
+        if debug_requested():
+            traceback.print_exc()
         print(f"[{stage}] invalid parameters:\n{exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -152,10 +231,54 @@ def _handled(stage: str) -> Iterator[None]:
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure must exit non-zero, with the reason
-        traceback.print_exc()
-        print(f"[{stage}] failed: {type(exc).__name__}: {exc}\nNo output was written.",
+        expected = isinstance(exc, EXPECTED_ERRORS)
+        if not expected or debug_requested():
+            traceback.print_exc()
+        hint = " (NNPIPE_DEBUG=1 shows the traceback)" if expected and not debug_requested() \
+            else ""
+        print(f"[{stage}] failed: {type(exc).__name__}: {exc}\nNo output was written.{hint}",
               file=sys.stderr)
         sys.exit(1)
+
+
+def _prepared_data(args: argparse.Namespace) -> Optional[str]:
+    """The stage's ``--data`` folder when the prepare stage has written it: params.yaml is then
+    also checked against the data's shape before any work (else ``read_dataset`` says what is
+    missing)."""
+    folder = getattr(args, "data", None)
+    if folder and all(Path(folder, name).is_file() for name in ("meta.json", "train.npz")):
+        return folder
+    return None
+
+
+def log_to_console(level: int = logging.INFO) -> None:
+    """Show the library's progress lines (the ``nnpipe`` logger) on stdout, once per process.
+
+    The library only logs (module loggers under ``nnpipe``, no handlers); a stage decides where
+    the lines go: :func:`run` calls this for every stage.
+    """
+    root = logging.getLogger("nnpipe")
+    if not any(isinstance(h, _Stdout) for h in root.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is when a record comes (it may be replaced
+    after the handler was made, e.g. by a test's output capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def run(stage: str, body: Callable[[argparse.Namespace, Config, Outputs], None],
@@ -167,9 +290,10 @@ def run(stage: str, body: Callable[[argparse.Namespace, Config, Outputs], None],
     add_arguments(parser)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
+    log_to_console()
     outputs = Outputs()
     with _handled(stage):
-        cfg = load_config(args.params)
+        cfg = load_config(args.params, data=_prepared_data(args))
         try:
             body(args, cfg, outputs)
         except BaseException:

@@ -3,8 +3,8 @@
 Each fold fits a fresh pipeline (preprocessing and augmentation never see the held-out fold);
 with ``pretrain.enabled`` each fold's network starts from the pretrain stage's encoder, as
 ``train``'s does (the encoder saw every training row's features, never a label).
-Writes per-fold and mean +- std metrics, the out-of-fold predictions and a per-fold table;
-logs a parent MLflow run with one nested run per fold.
+Writes mean +- std of the headline metrics (the report: every metric, per fold too), the
+out-of-fold predictions and a per-fold table; logs a parent MLflow run with one nested run per fold.
 """
 
 from __future__ import annotations
@@ -16,18 +16,21 @@ import numpy as np
 from nnpipe.cv import cross_validate_model
 from nnpipe.data import read_dataset
 from nnpipe.diagnostics import diagnose, format_findings
+from nnpipe.metrics import CV_HEADLINE_METRICS, headline
 
-from ._stage import (add_pretrained_argument, best_config, log_history, pretrained_params, run,
-                     tracker_for)
+from ._stage import (add_pretrained_argument, best_config, log_dataset, log_history,
+                     pretrained_params, run, tracker_for)
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--best", help="the search stage's best_params.json (may be {})")
     add_pretrained_argument(parser)
-    parser.add_argument("--metrics", required=True, help="JSON metrics file")
+    parser.add_argument("--metrics", required=True,
+                        help="JSON metrics file: mean and std of the headline metrics")
+    parser.add_argument("--report", help="JSON file with every fold's metrics, mean and std")
     parser.add_argument("--oof", required=True, help="out-of-fold predictions (.npz)")
-    parser.add_argument("--table", required=True, help="per-fold metrics CSV (dvc plots)")
+    parser.add_argument("--table", required=True, help="per-fold metrics table (CSV)")
 
 
 def _body(args, cfg, outputs):
@@ -36,6 +39,7 @@ def _body(args, cfg, outputs):
     cv = cfg.cv.model_dump(exclude_unset=True)
     reuse = pretrained_params(cfg, args.pretrained, announce="[cv] every fold")
     with tracker_for(cfg, "cv") as tracker:
+        log_dataset(tracker, cfg, args.data, ds)
         pipe = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise",
                                   verbose=cfg.train.get("verbose", 0), **reuse)
 
@@ -52,7 +56,10 @@ def _body(args, cfg, outputs):
         result = cross_validate_model(pipe, ds.X_train, ds.y_train, task=ds.task,
                                       on_fold=on_fold, **cv)
         summary = result.summary()
-        outputs.json(args.metrics, summary)
+        outputs.json(args.metrics, {k: headline(summary[k], CV_HEADLINE_METRICS)
+                                    for k in ("mean", "std")})
+        if args.report:
+            outputs.json(args.report, summary)
         np.savez(outputs.path(args.oof), oof=result.oof, y=ds.y_train,
                  fold=_fold_of_rows(result, len(ds.y_train)))
         with open(outputs.path(args.table), "w", newline="") as fh:

@@ -17,8 +17,8 @@ from nnpipe import save
 from nnpipe.config import ensemble_kwargs
 from nnpipe.data import read_dataset
 
-from ._stage import (add_pretrained_argument, best_config, log_history, pretrained_params, run,
-                     tracker_for)
+from ._stage import (add_pretrained_argument, best_config, log_dataset, log_history,
+                     pretrained_params, run, tracker_for)
 
 
 def _args(parser):
@@ -67,6 +67,7 @@ def _body(args, cfg, outputs):
     base = cfg.build_pipeline(ds.task, ds.input_shape, on_interrupt="raise", verbose=0, **reuse)
     cls = EnsembleRegressor if ds.task == "regression" else EnsembleClassifier
     with tracker_for(cfg, "ensemble", params={"ensemble": section}) as tracker:
+        log_dataset(tracker, cfg, args.data, ds)
         ens = cls(base, **kwargs).fit(ds.X_train, ds.y_train)
         for i, member in enumerate(ens.members_):
             tags = {"seed": ens.member_seeds_[i], "weight": float(ens.weights_[i])}

@@ -6,27 +6,36 @@ Always the model's fraction of exact zero weights (``sparsity``). With ``evaluat
 the model magnitude-pruned to that sparsity (optionally fine-tuned): its exact zeros and what it
 costs in accuracy / NLL (or RMSE). With ``evaluate.fold_batchnorm``, the model with batch norm
 folded: the largest prediction difference and the predict latency per sample before / after.
+
+Everything goes to the report (``--report``, e.g. ``reports/evaluate.json``); the metrics file
+keeps only the headline numbers (:data:`nnpipe.metrics.HEADLINE_METRICS`) of the model, the
+ensemble and the mean member, the few columns ``dvc metrics show`` compares across experiments.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Dict, List
 
 import nnpipe
 from nnpipe.data import read_dataset
-from nnpipe.metrics import classification_metrics, ece, per_class_report, regression_metrics
+from nnpipe.metrics import (classification_metrics, ece, headline, per_class_report,
+                            regression_metrics)
 from nnpipe.plots import (confusion_matrix_plot, reliability_diagram, save_calibration_csv,
                           save_confusion_csv)
 from nnpipe.sparsity import prune, sparsity_report
 
-from ._stage import run, tracker_for
+from ._stage import log_dataset, run, tracker_for
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--model", required=True, help="the train stage's model folder")
     parser.add_argument("--ensemble", help="the ensemble stage's folder (reported when built)")
-    parser.add_argument("--metrics", required=True, help="JSON metrics file")
+    parser.add_argument("--metrics", required=True,
+                        help="JSON metrics file: the headline numbers (dvc metrics)")
+    parser.add_argument("--report", help="JSON file with every detail (per-class report, each "
+                                         "member, pruning, folding)")
     parser.add_argument("--plots", required=True, help="folder for plots and their CSV data")
 
 
@@ -39,6 +48,7 @@ def _body(args, cfg, outputs):
     ev = cfg.evaluate.model_dump(exclude_unset=True)
     plots = outputs.path(args.plots, is_dir=True)
     with tracker_for(cfg, "evaluate", params={"evaluate": cfg.raw.get("evaluate", {})}) as tracker:
+        log_dataset(tracker, cfg, args.data, ds, split="test")
         if ds.task == "classification":
             proba = model.predict_proba(ds.X_test)
             classes = list(model.classes_)
@@ -71,7 +81,7 @@ def _body(args, cfg, outputs):
                 best = min(range(len(members)), key=lambda i: members[i]["rmse"])
                 result.update({"ensemble": regression_metrics(ds.y_test,
                                                               ensemble.predict(ds.X_test)),
-                               "members": members,
+                               "members": members, "mean_member": _mean(members),
                                "best_single": {"member": best, **members[best]}})
             if ev.get("prune"):
                 result["pruned"] = _pruned_report(model, ds, ev["prune"], metrics, {})
@@ -79,7 +89,9 @@ def _body(args, cfg, outputs):
         if ev.get("fold_batchnorm"):
             result["folded"] = _folded_report(model, ds)
             tracker.log_metrics({f"folded_{k}": v for k, v in result["folded"].items()})
-        outputs.json(args.metrics, result)
+        outputs.json(args.metrics, summary(result))
+        if args.report:
+            outputs.json(args.report, result)
         tracker.log_metrics({**metrics, "sparsity": result["sparsity"]})
         if "pruned" in result:
             tracker.log_metrics({f"pruned_{k}": v for k, v in result["pruned"].items()
@@ -94,6 +106,21 @@ def _body(args, cfg, outputs):
     if ensemble is not None and "ensemble" in result:
         print("[evaluate] ensemble: " + ", ".join(
             f"{k}={v:.4f}" for k, v in result["ensemble"].items()))
+
+
+def summary(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The metrics file's content: the headline numbers of the model and, when reported, of
+    the ensemble and of its mean member (the report keeps everything else)."""
+    out = headline(result)
+    for key in ("ensemble", "mean_member"):
+        if key in result:
+            out[key] = headline(result[key])
+    return out
+
+
+def _mean(members: List[Dict[str, float]]) -> Dict[str, float]:
+    """The mean of each metric over the members."""
+    return {k: sum(m[k] for m in members) / len(members) for k in members[0]}
 
 
 def _metrics(y, proba, classes, bins):
@@ -158,8 +185,7 @@ def _ensemble_report(ensemble, ds, classes, bins):
                for m in ensemble.members_]
     ens = _metrics(ds.y_test, ensemble.predict_proba(ds.X_test), classes, bins)
     best = min(range(len(members)), key=lambda i: members[i]["nll"])
-    mean_member = {k: sum(m[k] for m in members) / len(members) for k in members[0]}
-    return {"ensemble": ens, "members": members, "mean_member": mean_member,
+    return {"ensemble": ens, "members": members, "mean_member": _mean(members),
             "best_single": {"member": best, **members[best]}}
 
 

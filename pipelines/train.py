@@ -1,10 +1,11 @@
 """DVC stage ``train``: fit the configured pipeline (preprocessing + network) on the training set.
 
-Writes the fitted pipeline (``nnpipe.save``), per-epoch learning curves (CSV for ``dvc plots``,
-PNG for people, with the train/validation gap and any diagnostics marked) and
-``metrics/train.json``; prints the diagnostics (:func:`nnpipe.diagnostics.diagnose`: exploding or
-flat loss, overfitting) and tags the MLflow run with them; logs params, per-epoch metrics, artifacts and the
-model (as an MLflow pyfunc model) to MLflow.
+Writes the fitted pipeline (``nnpipe.save``), per-epoch learning curves (a CSV table, and a PNG
+for people and ``dvc plots``, with the train/validation gap and any diagnostics marked) and
+``metrics/train.json`` (epochs, fit time; ``--report``: every final number); prints the
+diagnostics (:func:`nnpipe.diagnostics.diagnose`: exploding or flat loss, overfitting) and tags
+the MLflow run with them; logs params, per-epoch metrics, artifacts and the model (as an MLflow
+pyfunc model) to MLflow.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ from nnpipe.data import read_dataset
 from nnpipe.diagnostics import diagnose, format_findings
 from nnpipe.plots import learning_curves, learning_curves_table
 
-from ._stage import add_pretrained_argument, best_config, pretrained_params, run, tracker_for
+from ._stage import (add_pretrained_argument, best_config, log_dataset, pretrained_params, run,
+                     tracker_for)
 
 
 def _args(parser):
     parser.add_argument("--data", required=True, help="the prepare stage's folder")
     parser.add_argument("--best", help="the search stage's best_params.json (may be {})")
     parser.add_argument("--model", required=True, help="where to save the fitted pipeline")
-    parser.add_argument("--metrics", required=True, help="JSON metrics file")
-    parser.add_argument("--curves", required=True, help="learning curves CSV (dvc plots)")
+    parser.add_argument("--metrics", required=True,
+                        help="JSON metrics file: epochs and fit time (dvc metrics)")
+    parser.add_argument("--report", help="JSON file with the final epoch's losses and the "
+                                         "number of transferred tensors as well")
+    parser.add_argument("--curves", required=True, help="learning curves table (CSV)")
     parser.add_argument("--plot", required=True, help="learning curves PNG")
     add_pretrained_argument(parser)
 
@@ -40,11 +45,17 @@ def fit_pipeline(cfg, ds, tracker, **overrides):
     return pipe, time.perf_counter() - start
 
 
+#: What metrics/train.json keeps (the report has every number): the rest is in the test
+#: metrics (evaluate) and the learning curves.
+_METRICS = ("epochs", "fit_seconds")
+
+
 def _body(args, cfg, outputs):
     ds = read_dataset(args.data)
     cfg = best_config(cfg, args.best)
     reuse = pretrained_params(cfg, args.pretrained)
     with tracker_for(cfg, "train") as tracker:
+        log_dataset(tracker, cfg, args.data, ds)
         pipe, seconds = fit_pipeline(cfg, ds, tracker, **reuse)
         net = pipe[-1]
         if reuse:
@@ -65,10 +76,12 @@ def _body(args, cfg, outputs):
                    "transferred_tensors": len(getattr(net, "transferred_", None) or []),
                    **{k: float(last[k]) for k in ("train_loss", "valid_loss", "valid_acc")
                       if k in last}}
-        outputs.json(args.metrics, metrics)
+        outputs.json(args.metrics, {k: metrics[k] for k in _METRICS})
+        if args.report:
+            outputs.json(args.report, metrics)
         tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()})
         tracker.log_artifact(plot)
-        tracker.log_model(model_dir, name="model")
+        tracker.log_model(model_dir, name="model", X_train=ds.X_train)
     print(f"[train] {metrics}")
 
 

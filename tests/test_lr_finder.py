@@ -104,6 +104,19 @@ def test_runs_all_batches_when_nothing_diverges(blobs):
     assert r.lrs[0] == pytest.approx(1e-6) and r.lrs[-1] == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("train_iter", [{"iterator_train__batch_size": 150},
+                                        {"iterator_train__batch_size": 64,
+                                         "iterator_train__drop_last": True}])
+def test_the_sweep_is_paced_by_the_batches_an_epoch_really_runs(blobs, train_iter):
+    """300 rows with batch_size=16 but training batches of 150 (2 per epoch) or 64 without the
+    last (4 per epoch): the sweep still gets all num_iter batches."""
+    X, y = blobs
+    r = lr_range_test(NNClassifier(random_state=0, batch_size=16, **train_iter), X, y,
+                      start_lr=1e-6, end_lr=1e-3, num_iter=40)
+    assert r.stop_reason == "num_iter" and len(r.lrs) == 40
+    assert r.lrs[-1] == pytest.approx(1e-3)
+
+
 def test_estimator_left_untouched_unfitted(blobs):
     X, y = blobs
     calls = Calls()

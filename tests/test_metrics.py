@@ -14,9 +14,12 @@ from sklearn.metrics import (
 )
 
 from nnpipe.metrics import (
+    CV_HEADLINE_METRICS,
+    HEADLINE_METRICS,
     brier,
     classification_metrics,
     ece,
+    headline,
     nll,
     per_class_report,
     predictive_entropy,
@@ -311,3 +314,25 @@ def test_other_argument_errors():
         regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0])
     with pytest.raises(ValueError, match=r"y_true must be 1-D"):
         nll(np.zeros((2, 2)), [[0.5, 0.5], [0.5, 0.5]])
+
+
+def test_headline_keeps_the_summary_numbers_of_a_full_result_and_drops_the_details():
+    full = {**classification_metrics([0, 1, 1], [[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]], [0, 1]),
+            "per_class": per_class_report([0, 1, 1], [0, 1, 0], [0, 1]),
+            "sparsity": 0.0, "members": [{"accuracy": 1.0}]}
+    kept = headline(full)
+    assert list(kept) == ["accuracy", "balanced_accuracy", "nll", "brier", "ece"]
+    assert all(type(v) is float and v == full[k] for k, v in kept.items())
+    assert list(headline(full, CV_HEADLINE_METRICS)) == ["accuracy", "nll", "ece"]
+    reg = regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 4.0])
+    assert headline({**reg, "np": np.float32(1)}) == reg
+    assert set(HEADLINE_METRICS) >= set(CV_HEADLINE_METRICS)
+
+
+def test_headline_refuses_a_kept_entry_that_is_not_a_number():
+    with pytest.raises(ValueError, match=r"headline: metrics\['nll'\] must be a number, got "
+                                         r"\{'mean': 0.3\}"):
+        headline({"accuracy": 0.9, "nll": {"mean": 0.3}})
+    with pytest.raises(ValueError, match=r"metrics\['accuracy'\] must be a number, got True"):
+        headline({"accuracy": True})
+
