@@ -2,7 +2,7 @@
 
 The real train stage (``dvc.yaml``'s command, run as a process) logs to an MLflow URL where
 nothing listens, or to a real ``mlflow server`` that is SIGKILLed after a few epochs. The stage
-exits 0 in bounded extra time, tells the user how to sync, and keeps what it could not send in
+exits 0, tells the user how to sync, and keeps what it could not send in
 ``metrics/mlflow_outbox``. ``python -m nnpipe.tracking sync`` (the command the stage printed) then
 puts every epoch on the server exactly once, in the right run; syncing again adds nothing.
 """
@@ -32,8 +32,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 pytestmark = pytest.mark.slow
 
 EPOCHS = 60
-EXTRA_S = 30  # a bound on what tracking may add to a stage, not a benchmark
 EPOCH_KEYS = ("train_loss", "valid_loss", "valid_acc")
+RUN_NAME = "train · mlp · digits · lr=0.01"  # what ran (TINY's model, data and lr)
 SYNC = re.compile(r"`(python -m nnpipe\.tracking sync [^`]+)`")
 
 
@@ -130,29 +130,11 @@ def server(tmp_path_factory):
         server.kill()
 
 
-def _train_cmd(repo, params=None):
-    """The train stage's command from dvc.yaml, as dvc runs it (optionally another params file)."""
+def _train_cmd(repo):
+    """The train stage's command from dvc.yaml, as dvc runs it."""
     cmd = shlex.split(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["train"]["cmd"])
     assert cmd[0] == "python"
-    return [sys.executable, *cmd[1:], *(["--params", str(params)] if params else [])]
-
-
-def _train(repo, env, params=None):
-    start = time.monotonic()
-    proc = sh(_train_cmd(repo, params), repo, env=env)
-    return proc, time.monotonic() - start
-
-
-@pytest.fixture(scope="module")
-def untracked_seconds(repo, tmp_path_factory):
-    """Wall time of the same stage with tracking disabled."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["tracking"] = {"enabled": False}
-    path = tmp_path_factory.mktemp("untracked") / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    proc, seconds = _train(repo, _env(repo), path)
-    assert "TrackingWarning" not in proc.stderr and not _outbox(repo)
-    return seconds
+    return [sys.executable, *cmd[1:]]
 
 
 def _outbox(repo):
@@ -198,11 +180,10 @@ def _assert_every_epoch_once(client, run_id, records=None):
 
 
 def test_unreachable_server_keeps_every_epoch_in_the_outbox_and_sync_replays_it_once(
-        repo, server, untracked_seconds):
+        repo, server):
     assert not server.up  # nothing listens on its port yet
-    proc, seconds = _train(repo, _env(repo, server.uri))
-    print(f"train: {untracked_seconds:.1f} s untracked, {seconds:.1f} s with the server down")
-    assert seconds - untracked_seconds < EXTRA_S, (seconds, untracked_seconds)
+    assert not _outbox(repo)  # nothing went offline before
+    proc = sh(_train_cmd(repo), repo, env=_env(repo, server.uri))
     assert "[train] done." in proc.stdout
     assert proc.stderr.count("TrackingWarning") == 1, proc.stderr  # warned once
     assert f"MLflow at {server.uri} failed" in proc.stderr
@@ -212,7 +193,8 @@ def test_unreachable_server_keeps_every_epoch_in_the_outbox_and_sync_replays_it_
     assert str(path) in proc.stderr
     records = _records(path)
     (run,) = [r for r in records if r["type"] == "run"]
-    assert run["name"] == "train" and run["mlflow_run_id"] is None
+    assert run["name"] == RUN_NAME and run["mlflow_run_id"] is None
+    assert run["tags"]["nnpipe.stage"] == "train"
     assert run["params"]["train.max_epochs"] == EPOCHS and "model.module" in run["params"]
     for key in EPOCH_KEYS:
         assert _steps(records, key) == list(range(1, EPOCHS + 1)), key
@@ -229,7 +211,9 @@ def test_unreachable_server_keeps_every_epoch_in_the_outbox_and_sync_replays_it_
     assert "synced 1 run" in synced.stdout and not _outbox(repo)
     client = MlflowClient(server.uri)
     (got,) = _train_runs(client)
-    assert got.info.status == "FINISHED" and got.info.run_name == "train"
+    assert got.info.status == "FINISHED" and got.info.run_name == RUN_NAME
+    (dataset,) = got.inputs.dataset_inputs  # the training data, logged by the sync too
+    assert dataset.dataset.name == "digits" and dataset.tags[0].value == "training"
     assert got.data.params == {k: str(v) for k, v in run["params"].items()}
     _assert_every_epoch_once(client, got.info.run_id, records)
     assert got.data.metrics["final_epochs"] == EPOCHS
@@ -256,17 +240,16 @@ def test_unreachable_server_keeps_every_epoch_in_the_outbox_and_sync_replays_it_
 
 
 def test_server_killed_mid_run_the_rest_goes_to_the_outbox_and_sync_completes_the_run(
-        repo, server, untracked_seconds):
+        repo, server):
     if not server.up:
         server.start()
     client = MlflowClient(server.uri)
     runs_before = {r.info.run_id for r in _train_runs(client)}
 
-    start = time.monotonic()
     stage = subprocess.Popen(_train_cmd(repo), cwd=repo, env=_env(repo, server.uri),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = start + 300
+        deadline = time.monotonic() + 300  # a hang guard, not a timing check
         while sum(map(len, server.steps(exclude=runs_before).values())) < 3:  # a few epochs
             assert stage.poll() is None, stage.communicate()
             assert time.monotonic() < deadline, "no epoch reached the server"
@@ -277,10 +260,7 @@ def test_server_killed_mid_run_the_rest_goes_to_the_outbox_and_sync_completes_th
         if stage.poll() is None:
             stage.kill()
             stage.wait()
-    seconds = time.monotonic() - start
-    print(f"train: {untracked_seconds:.1f} s untracked, {seconds:.1f} s with the server killed")
     assert stage.returncode == 0, err
-    assert seconds - untracked_seconds < EXTRA_S, (seconds, untracked_seconds)
     assert "[train] done." in out
     assert err.count("TrackingWarning") == 1 and "failed while logging metrics" in err, err
 
