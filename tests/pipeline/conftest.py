@@ -3,7 +3,6 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
-    "data": {"source": "digits", "test_size": 0.25, "random_state": 0},
+    # dvc.yaml's prepare depends on ${data.path}: for digits the placeholder folder data/raw
+    "data": {"source": "digits", "path": "data/raw", "test_size": 0.25, "random_state": 0},
     "preprocess": ["global_center"],
     "augment": None,  # dvc.yaml tracks every section: an unused one stays, empty
     "model": {"module": "mlp", "module__hidden_sizes": [32]},
@@ -39,7 +39,7 @@ def make_repo(path: Path, params: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, path / name)
-    for pkg in ("pipelines", "nnpipe"):
+    for pkg in ("pipelines", "nnpipe", "data/raw"):
         shutil.copytree(ROOT / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git init -q && git config user.email t@t && git config user.name t", path)
@@ -61,3 +61,27 @@ def tiny_repo(tmp_path_factory):
     repo = make_repo(tmp_path_factory.mktemp("tiny") / "repo", TINY)
     proc = sh("dvc repro", repo, env=stage_env(repo))
     return repo, proc
+
+
+#: TINY with 20% of the labels kept and a frozen pretrained encoder; the search stays off until
+#: SEARCH is switched on (the smallest search: two trials on one holdout split, one process)
+PRETRAIN = dict(TINY, data={**TINY["data"], "label_fraction": 0.2},
+                pretrain={"enabled": True, "noise": "mask", "noise_level": 0.2,
+                          "max_epochs": 3, "random_state": 0, "freeze": True})
+SEARCH = {"enabled": True, "n_trials": 2, "n_jobs": 1, "holdout": 0.25, "random_state": 0,
+          "space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}}}
+
+
+@pytest.fixture(scope="module")
+def search_pretrain_repo(tmp_path_factory):
+    """One repository for both the search and pretraining: ``dvc repro prepare`` with the search
+    off, then the search switched on (``train.lr`` left out of ``train``, so it is searched, not
+    fixed) and a full ``dvc repro``. Returns the repository, that repro and its params."""
+    repo = make_repo(tmp_path_factory.mktemp("search_pretrain") / "repo", PRETRAIN)
+    env = stage_env(repo)
+    sh("dvc repro prepare", repo, env=env)
+    params = dict(PRETRAIN, train={k: v for k, v in PRETRAIN["train"].items() if k != "lr"},
+                  search=SEARCH)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = sh("dvc repro", repo, env=env)
+    return repo, proc, params

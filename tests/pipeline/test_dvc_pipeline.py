@@ -1,6 +1,7 @@
 """The declarative pipeline end to end: dvc repro, caching, exp run, metrics, plots, MLflow."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import TINY, make_repo, sh, stage_env
+from .conftest import ROOT, TINY, sh, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -21,18 +22,22 @@ def test_repro_runs_every_stage_and_writes_the_declared_outputs(tiny_repo):
         assert f"Running stage '{stage}'" in proc.stdout
     assert json.loads((repo / "search/best_params.json").read_text()) == {}
     assert json.loads((repo / "models/pretrained/disabled.json").read_text()) == {"enabled": False}
-    assert json.loads((repo / "metrics/train.json").read_text())["transferred_tensors"] == 0
-    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert json.loads((repo / "reports/train.json").read_text())["transferred_tensors"] == 0
+    ev = json.loads((repo / "reports/evaluate.json").read_text())  # every detail
     assert len(ev["members"]) == 2 and ev["best_single"]["member"] in (0, 1)
     assert ev["ensemble"]["nll"] <= max(m["nll"] for m in ev["members"])
     assert (repo / "models/ensemble/model.json").exists()
     for out in ("data/prepared/train.npz", "models/model/model.json", "metrics/train.json",
                 "metrics/cv.json", "metrics/evaluate.json", "models/cv_oof.npz",
+                "reports/train.json", "reports/cv.json", "reports/evaluate.json",
                 "plots/train/learning_curves.csv", "plots/train/learning_curves.png",
                 "plots/evaluate/confusion.csv", "plots/evaluate/reliability.png",
                 "plots/cv/folds.csv"):
         assert (repo / out).exists(), out
-    ev = json.loads((repo / "metrics/evaluate.json").read_text())
+    summary = json.loads((repo / "metrics/evaluate.json").read_text())  # the headline numbers
+    assert set(summary) == {"accuracy", "balanced_accuracy", "nll", "brier", "ece", "ensemble",
+                            "mean_member"}
+    assert summary["ensemble"] == {k: ev["ensemble"][k] for k in summary["ensemble"]}
     assert {"accuracy", "nll", "brier", "ece"} <= set(ev) and ev["accuracy"] > 0.85
     assert ev["sparsity"] == 0.0  # a dense model: no exact zeros
     pruned = ev["pruned"]  # evaluate.prune: half the weights zeroed, then one fine-tune epoch
@@ -43,7 +48,11 @@ def test_repro_runs_every_stage_and_writes_the_declared_outputs(tiny_repo):
     assert folded["max_abs_diff"] == 0.0
     assert folded["folded_us_per_sample_bs256"] > 0 and folded["unfolded_us_per_sample_bs1"] > 0
     cv = json.loads((repo / "metrics/cv.json").read_text())
-    assert len(cv["folds"]) == 2 and 0 < cv["std"]["accuracy"] < 0.1
+    assert set(cv) == {"mean", "std"} and set(cv["std"]) == {"accuracy", "nll", "ece"}
+    assert 0 < cv["std"]["accuracy"] < 0.1
+    cv_report = json.loads((repo / "reports/cv.json").read_text())
+    assert len(cv_report["folds"]) == 2 and cv_report["mean"]["nll"] == cv["mean"]["nll"]
+    assert json.loads((repo / "metrics/train.json").read_text())["epochs"] == 3
     oof = np.load(repo / "models/cv_oof.npz")
     assert oof["oof"].shape == (1347, 10) and set(oof["fold"]) == {0, 1}
     np.testing.assert_allclose(oof["oof"].sum(1), 1, atol=1e-4)
@@ -65,17 +74,40 @@ def test_second_repro_runs_nothing_and_an_evaluate_key_reruns_only_evaluate(tiny
         assert f"Running stage '{stage}'" not in changed.stdout
 
 
+def _readme_exp_show_command():
+    """The `dvc exp show` line the README documents for reading results."""
+    readme = (ROOT / "README.md").read_text()
+    return re.search(r"^(dvc exp show --no-pager .*?)\s*(#.*)?$", readme, re.M).group(1)
+
+
 def test_metrics_and_plots_render(tiny_repo):
     repo, _ = tiny_repo
-    shown = sh("dvc metrics show --json", repo, env=stage_env(repo))
-    metrics = json.loads(shown.stdout)
-    text = json.dumps(metrics)
-    assert "accuracy" in text and "train_loss" in text
+    shown = sh("dvc metrics show", repo, env=stage_env(repo)).stdout.splitlines()
+    columns = shown[0].split()
+    assert columns[0] == "Path" and "accuracy" in columns and "ensemble.nll" in columns
+    assert len(columns) - 1 <= 25, columns  # a table a person reads (was 115 columns)
+    assert {line.split()[0] for line in shown[1:]} == {
+        "metrics/train.json", "metrics/cv.json", "metrics/evaluate.json"}
+
+    # the documented exp show line fits a 120-column terminal, every cell printed in full
+    env = dict(stage_env(repo), COLUMNS="120")
+    table = sh(_readme_exp_show_command(), repo, env=env).stdout
+    lines = [line for line in table.splitlines() if line.strip()]
+    assert max(map(len, lines)) <= 120, table
+    assert "\u2026" not in table, table  # rich squeezes a table too wide into "…" cells
+    header = lines[1].split()
+    assert header[0] == "Experiment" and set(header[1:]) == {
+        "accuracy", "nll", "ece", "ensemble.accuracy", "mean.accuracy", "train.lr"}
+    assert re.search(r"workspace\s+0\.\d+", table), table
+
     out = repo / "plots_html"
     sh(f"dvc plots show -o {out}", repo, env=stage_env(repo))
     html = (out / "index.html").read_text()
-    assert "learning curves" in html or "learning_curves" in html
-    assert "confusion" in html
+    assert not re.search(r"<script[^>]*src=[\"']?https?:", html)  # renders offline
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert len(images) == 3 and all((out / src).stat().st_size > 0 for src in images)
+    for name in ("learning_curves", "confusion", "reliability"):
+        assert sum(name in src for src in images) == 1, images
 
 
 def test_mlflow_holds_one_run_per_stage_with_nested_folds_and_a_servable_model(tiny_repo):
@@ -121,7 +153,9 @@ def test_mlflow_holds_one_run_per_stage_with_nested_folds_and_a_servable_model(t
 
 def test_exp_run_with_a_set_param(tiny_repo):
     repo, _ = tiny_repo
-    proc = sh("dvc exp run -S train.lr=0.02", repo, env=stage_env(repo))
+    # only train (and the search it reads, off here) for a target: evaluate, cv and the ensemble
+    # would rerun too and prove nothing more about -S
+    proc = sh("dvc exp run -S train.lr=0.02 train", repo, env=stage_env(repo))
     assert "Running stage 'train'" in proc.stdout
     assert "Running stage 'prepare'" not in proc.stdout
     shown = sh("dvc exp show --json", repo, env=stage_env(repo)).stdout
@@ -130,8 +164,9 @@ def test_exp_run_with_a_set_param(tiny_repo):
 
 def test_interrupted_stage_exits_nonzero_and_leaves_no_output(tiny_repo, tmp_path):
     repo, _ = tiny_repo
-    # far too long to end before the signal (the tiny MLP does about 50 epochs a second)
-    params = dict(TINY, train={**TINY["train"], "max_epochs": 100_000},
+    # far too long to end before the signal (the tiny MLP does about 50 epochs a second);
+    # verbose, so the first epoch's line says when training (and the stage's handler) is on
+    params = dict(TINY, train={**TINY["train"], "max_epochs": 100_000, "verbose": 1},
                   tracking={"enabled": False})
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "model"
@@ -141,10 +176,14 @@ def test_interrupted_stage_exits_nonzero_and_leaves_no_output(tiny_repo, tmp_pat
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         # SIGINT's default action, as a terminal gives it: a CI runner may start the suite
         # with SIGINT ignored, and an ignored signal stays ignored across exec
-        proc = subprocess.Popen(cmd, cwd=repo, env=stage_env(repo), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
+        proc = subprocess.Popen(cmd, cwd=repo, env=dict(stage_env(repo), PYTHONUNBUFFERED="1"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        time.sleep(8)  # imports, data, a few epochs
+        # wait for an epoch row (imports can take many seconds on a loaded machine; a signal
+        # then would hit Python's default handler, not the stage's)
+        for line in proc.stdout:
+            if re.match(r"\s*\d+\s", line):
+                break
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == code, err
@@ -215,52 +254,13 @@ def test_mlflow_server_serves_the_pipeline_runs_and_model_over_rest(tiny_repo):
         server.wait(timeout=30)
 
 
-def test_enabling_the_search_feeds_its_best_params_to_train_and_cv(tiny_repo):
-    repo, _ = tiny_repo
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["search"] = {"enabled": True, "n_trials": 3, "folds": 2, "random_state": 0,
-                        "space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.05,
-                                               "log": True}}}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = sh("dvc repro", repo, env=stage_env(repo))
-    assert "Running stage 'prepare'" not in proc.stdout
-    for stage in ("search", "train", "cv", "evaluate"):
-        assert f"Running stage '{stage}'" in proc.stdout
-    best = json.loads((repo / "search/best_params.json").read_text())
-    assert set(best) == {"train.lr"}
-    assert f"[best params] train.lr={best['train.lr']}" in proc.stdout
-    trials = (repo / "search/results/trials.csv").read_text().splitlines()
-    assert len(trials) == 4 and trials[0].startswith("duration_s") or "number" in trials[0]
-    assert (repo / "search/results/plots/optimization_history.png").exists()
-    assert (repo / "search/journal/study.log").stat().st_size > 0
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
-    exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.data.tags.get("nnpipe.stage") == "search"
-              and "mlflow.parentRunId" not in r.data.tags][-1]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and all("train.lr" in c.data.params for c in children)
-    # re-running resumes the study: the budget is already met, no new trial runs
-    params["search"]["n_trials"] = 4
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    again = sh("dvc repro search", repo, env=stage_env(repo))
-    assert again.stdout.count("[search] trial") == 1
-
-
-def test_repro_with_pretraining_trains_from_the_pretrained_encoder(tmp_path):
+def test_repro_with_pretraining_trains_from_the_pretrained_encoder(search_pretrain_repo):
     """20% of the training labels kept; the encoder, pretrained on all 1347 training rows and
     kept frozen, reaches the saved classifier and every ensemble member unchanged, and cv's
-    folds start from it too."""
+    folds start from it too (the search, also on, changes train.lr only)."""
     import nnpipe
 
-    params = dict(TINY, data={**TINY["data"], "label_fraction": 0.2},
-                  pretrain={"enabled": True, "noise": "mask", "noise_level": 0.2,
-                            "max_epochs": 3, "random_state": 0, "freeze": True},
-                  tracking={"enabled": False})
-    repo = make_repo(tmp_path / "repo", params)
-    proc = sh("dvc repro train ensemble cv", repo, env=stage_env(repo))
+    repo, proc, _ = search_pretrain_repo
     assert "Running stage 'pretrain'" in proc.stdout
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert (meta["n_train"], meta["n_unlabeled"]) == (269, 1078)  # 20% of 1347 labels kept
@@ -269,7 +269,7 @@ def test_repro_with_pretraining_trains_from_the_pretrained_encoder(tmp_path):
     assert pre.n_features_in_ == 64 and pre.encoder_patterns() == ["hidden.*"]
     assert ("[train] started from the pretrained encoder models/pretrained: 2 tensors "
             "transferred (['hidden.*'])") in proc.stdout
-    assert json.loads((repo / "metrics/train.json").read_text())["transferred_tensors"] == 2
+    assert json.loads((repo / "reports/train.json").read_text())["transferred_tensors"] == 2
     assert ("[cv] every fold starts from the pretrained encoder models/pretrained "
             "(['hidden.*'])") in proc.stdout
     assert ("[ensemble] every member starts from the pretrained encoder models/pretrained "
@@ -287,3 +287,45 @@ def test_repro_with_pretraining_trains_from_the_pretrained_encoder(tmp_path):
     heads = [m[-1].module_.state_dict()["output.weight"].numpy() for m in ensemble.members_]
     assert not np.array_equal(heads[0], heads[1])
     assert json.loads((repo / "metrics/cv.json").read_text())
+
+
+def test_enabling_the_search_feeds_its_best_params_to_train_and_cv(search_pretrain_repo):
+    """The fixture ran prepare with the search off, then switched it on: the search, and every
+    stage after it, reran; prepare did not."""
+    import nnpipe
+
+    repo, proc, params = search_pretrain_repo
+    assert "Running stage 'prepare'" not in proc.stdout
+    for stage in ("search", "train", "cv", "evaluate"):
+        assert f"Running stage '{stage}'" in proc.stdout
+    best = json.loads((repo / "search/best_params.json").read_text())
+    assert set(best) == {"train.lr"}
+    assert f"[best params] train.lr={best['train.lr']}" in proc.stdout
+    # the best lr reached the saved classifier, every ensemble member and cv (its only source:
+    # params.yaml's train section leaves lr out)
+    ensemble = nnpipe.load(repo / "models/ensemble")
+    for clf in [nnpipe.load(repo / "models/model")[-1]] + [m[-1] for m in ensemble.members_]:
+        assert clf.lr == pytest.approx(best["train.lr"])
+    n = params["search"]["n_trials"]
+    trials = (repo / "search/results/trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + n and (trials[0].startswith("duration_s") or "number" in trials[0])
+    assert (repo / "search/results/plots/optimization_history.png").exists()
+    assert (repo / "search/journal/study.log").stat().st_size > 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("nnpipe.stage") == "search"
+              and "mlflow.parentRunId" not in r.data.tags][-1]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == n and all("train.lr" in c.data.params for c in children)
+    for stage in ("train", "cv"):  # both stages ran with the best lr
+        run = [r for r in runs if r.data.tags.get("nnpipe.stage") == stage
+               and "mlflow.parentRunId" not in r.data.tags][-1]
+        assert float(run.data.params["train.lr"]) == pytest.approx(best["train.lr"]), stage
+    # re-running resumes the study: the trials already run count, only the one added runs
+    params = dict(params, search={**params["search"], "n_trials": n + 1})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = sh("dvc repro search", repo, env=stage_env(repo))
+    assert again.stdout.count("[search] trial") == 1
