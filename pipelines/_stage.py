@@ -251,18 +251,28 @@ def _prepared_data(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def log_to_console(level: int = logging.INFO) -> None:
-    """Show the library's progress lines (the ``nnpipe`` logger) on stdout, once per process.
+@contextmanager
+def log_to_console(level: int = logging.INFO) -> Iterator[None]:
+    """Show the library's progress lines (the ``nnpipe`` logger) on stdout while the block runs.
 
     The library only logs (module loggers under ``nnpipe``, no handlers); a stage decides where
-    the lines go: :func:`run` calls this for every stage.
+    the lines go: :func:`run` does this for every stage, and puts the logger back as it was
+    afterwards (a stage's ``main`` called from Python leaves no handler behind).
     """
     root = logging.getLogger("nnpipe")
+    level_before = root.level
+    handler = None
     if not any(isinstance(h, _Stdout) for h in root.handlers):
         handler = _Stdout()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+        root.setLevel(level_before)
 
 
 class _Stdout(logging.StreamHandler):
@@ -290,9 +300,8 @@ def run(stage: str, body: Callable[[argparse.Namespace, Config, Outputs], None],
     add_arguments(parser)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    log_to_console()
     outputs = Outputs()
-    with _handled(stage):
+    with log_to_console(), _handled(stage):
         cfg = load_config(args.params, data=_prepared_data(args))
         try:
             body(args, cfg, outputs)

@@ -199,3 +199,16 @@ def test_saving_a_net_with_callbacks_still_warns(tmp_path):
     clf = NNClassifier(max_epochs=1, callbacks=[_Threads()], random_state=0).fit(X, y)
     with pytest.warns(UserWarning, match="nnpipe.save: the callbacks"):
         save(clf, tmp_path / "model")
+
+
+def test_a_stage_run_in_process_leaves_the_nnpipe_logger_as_it_was(tmp_path, monkeypatch):
+    """Stages show progress on stdout while they run, and take their handler away after."""
+    from pipelines import prepare
+
+    logger = logging.getLogger("nnpipe")
+    before = (list(logger.handlers), logger.level)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data: {source: digits}\ntracking: {enabled: false}\n")
+    prepare.main(["--out", str(tmp_path / "prepared")])
+    assert (tmp_path / "prepared").is_dir()
+    assert (list(logger.handlers), logger.level) == before
