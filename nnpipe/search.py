@@ -258,12 +258,9 @@ def _unhash(value, spec):
 
 
 def _get(raw: Dict[str, Any], path: str) -> Any:
-    node: Any = raw
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+    """The value at a dotted path, ``None`` when a part is absent."""
+    value = _lookup(raw, path)
+    return None if value is _MISSING else value
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Dict[str, Any],
